@@ -1,0 +1,36 @@
+# make run: the default pipeline (config/config.yaml) -> results/report/index.html
+# make test: the test suite. Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= all
+# torch 2.14.1 / torchvision 0.29.1: installed first so pip never resolves another torch build.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dnc-installed
+
+.PHONY: run test lint dry-run slurm clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,data]"
+	touch $@
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --workflow-profile none $(ARGS)
+	@echo "report: $(CURDIR)/results/report/index.html"
+
+dry-run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake -n --workflow-profile none $(ARGS)
+
+slurm: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --workflow-profile profiles/slurm $(ARGS)
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dnc scripts tests benchmarks
+
+clean:
+	rm -rf results logs .snakemake

@@ -1,0 +1,213 @@
+"""Measured DUFM solutions against the closed-form theory (dufm-theory.md sections 2-4).
+
+compare_run() returns a long comparison table (one row per checked quantity: measured, predicted,
+gaps, tolerance, pass) and a one-row verdict. Predictions that the theory does not pin (the H_1
+class-mean angle, the layer-2 pre-activation geometry, see dufm-theory.md section 3) appear with
+predicted = NaN and note "not pinned"; what is pinned there (DNC1, equal norms, cosine <= 0) is
+checked instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from dnc.theory import DNCOptimum, dnc_optimum, local_minimum_structure, triangle_loss
+
+__all__ = ["Tolerances", "compare_run", "is_converged", "VERDICTS"]
+
+VERDICTS = {
+    "global_optimum": "agrees with the global optimum",
+    "dnc": "at the DNC solution (L_DNC); not proven optimal for K >= 3, L >= 3",
+    "dnc_local_minimum": "at a DNC-shaped local minimum (zero is optimal)",
+    "below_dnc_low_rank": "below DNC (low-rank solution)",
+    "above_dnc": "above L_DNC at another stationary point",
+    "not_converged": "not converged",
+}
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Thresholds of the comparison.
+
+    loss_rtol: relative loss gap counted as agreement. structure_rtol: relative gap of norms,
+    penalties and singular values. collapse_atol: absolute bound for metrics predicted to be 0.
+    grad_norm: a run is converged when its final gradient norm is below this, or when its loss
+    changed by less than plateau_rtol (relative) over the last quarter of its history.
+    """
+
+    loss_rtol: float = 1e-6
+    structure_rtol: float = 1e-3
+    collapse_atol: float = 1e-6
+    grad_norm: float = 1e-6
+    plateau_rtol: float = 1e-7
+
+
+def is_converged(history: pd.DataFrame, tol: Tolerances) -> bool:
+    """Final gradient norm below tol.grad_norm, or a plateau over the last quarter of history."""
+    last = history.iloc[-1]
+    if last["grad_norm"] < tol.grad_norm:
+        return True
+    late = history[history["step"] >= 0.75 * last["step"]]
+    if len(late) < 2:
+        return False
+    change = abs(late["loss"].iloc[0] - last["loss"]) / abs(last["loss"])
+    return bool(change < tol.plateau_rtol)
+
+
+def _row(quantity, layer, rep, measured, predicted, tol, note="", mode="rel"):
+    gap = measured - predicted if np.isfinite(predicted) else math.nan
+    rel = abs(gap) / abs(predicted) if np.isfinite(predicted) and predicted != 0 else math.nan
+    if not np.isfinite(predicted):
+        ok = None
+    elif mode == "rel":
+        ok = bool(rel <= tol)
+    elif mode == "le":
+        ok = bool(measured <= predicted + tol)
+    else:
+        ok = bool(abs(gap) <= tol)
+    return {"quantity": quantity, "layer": layer, "representation": rep, "measured": measured,
+            "predicted": predicted, "abs_gap": gap, "rel_gap": rel, "tolerance": tol,
+            "pass": ok, "note": note}
+
+
+def _metric(metrics: pd.DataFrame, layer: int, rep: str, name: str) -> float:
+    sel = metrics[(metrics["layer"] == layer) & (metrics["representation"] == rep)
+                  & (metrics["metric"] == name)]
+    return float(sel["value"].iloc[0]) if len(sel) else math.nan
+
+
+def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics: pd.DataFrame,
+                    weights: Mapping[int, np.ndarray], tol: Tolerances) -> list[dict]:
+    """Penalties, class-mean norms, collapse metrics and weight spectra against opt."""
+    rows = [_row("fit", 0, "", final["fit"], opt.fit, tol.structure_rtol,
+                 "(1 - c*)^2 / 2", mode="abs" if opt.fit < 1e-12 else "rel")]
+    pens = [2 * final["reg_H1"]] + [2 * final[f"reg_W{l}"] for l in range(1, L + 1)]
+    for i, p in enumerate(pens):
+        name = "lambda_H1 ||H_1||^2" if i == 0 else f"lambda_W{i} ||W_{i}||^2"
+        rows.append(_row(name, i, "", p, opt.penalty, tol.structure_rtol, "K tau"))
+    rows.append(_row("penalty balance max/min - 1", 0, "", max(pens) / min(pens) - 1, 0.0,
+                     tol.structure_rtol, "all lambda ||.||^2 equal", mode="abs"))
+    reps = [(1, "input")] + [(l, r) for l in range(2, L + 1) for r in ("pre", "post")]
+    reps.append((L + 1, "output"))
+    for layer, rep in reps:
+        rows.append(_row("nc1_pinv", layer, rep, _metric(metrics, layer, rep, "nc1_pinv"), 0.0,
+                         tol.collapse_atol, "DNC1", mode="abs"))
+        pinned = not (layer == 1 or (layer == 2 and rep == "pre"))
+        if pinned:
+            rows.append(_row("nc2_orth", layer, rep, _metric(metrics, layer, rep, "nc2_orth"),
+                             0.0, tol.collapse_atol, "DNC2: orthogonal equal-norm means",
+                             mode="abs"))
+        else:
+            rows.append(_row("nc2_orth", layer, rep, _metric(metrics, layer, rep, "nc2_orth"),
+                             math.nan, 0.0, "not pinned (flat family, dufm-theory.md s3)"))
+            rows.append(_row("mean_norm_spread", layer, rep,
+                             _metric(metrics, layer, rep, "mean_norm_spread"), 0.0,
+                             tol.structure_rtol, "equal class-mean norms", mode="abs"))
+            rows.append(_row("max_cos_uncentred", layer, rep,
+                             _metric(metrics, layer, rep, "max_cos_uncentred"), 0.0,
+                             tol.structure_rtol, "class-mean cosines <= 0", mode="le"))
+    # Class-mean norms: a (H_1), s_l (post-ReLU layer l), c* (output).
+    norm_reps = [(1, "input")] + [(l, "post") for l in range(2, L + 1)] + [(L + 1, "output")]
+    for (layer, rep), pred in zip(norm_reps, opt.mean_norms):
+        rows.append(_row("class-mean norm", layer, rep, _metric(metrics, layer, rep, "mean_norm"),
+                         pred, tol.structure_rtol, "a, s_l, c*"))
+    # DNC3: rows of W_l in span of its input means (l >= 2); W_L proportional to M_L^T.
+    for l in range(2, L + 1):
+        rows.append(_row("nc3_span", l, "post", _metric(metrics, l, "post", "nc3_span"), 0.0,
+                         tol.collapse_atol, f"DNC3: row space of W_{l} in span(M_{l})",
+                         mode="abs"))
+    rows.append(_row("nc3_uncentred", L, "post", _metric(metrics, L, "post", "nc3_uncentred"),
+                     0.0, tol.collapse_atol, "DNC3: W_L proportional to M_L^T", mode="abs"))
+    for l, pred in zip(range(2, L + 1), opt.weight_singular_values):
+        if l in weights:
+            sv = np.linalg.svd(weights[l], compute_uv=False)[: opt.K]
+            for i, v in enumerate(sv, start=1):
+                rows.append(_row(f"sigma_{i}(W_{l})", l, "", float(v), pred, tol.structure_rtol,
+                                 "K equal singular values s_{l+1}/s_l"))
+    return rows
+
+
+def compare_run(
+    run: str,
+    settings: Mapping,
+    history: pd.DataFrame,
+    metrics: pd.DataFrame,
+    weights: Mapping[int, np.ndarray],
+    tol: Tolerances = Tolerances(),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Theory vs measurement for one DUFM run.
+
+    Args:
+        settings: resolved run settings (K, L, n, lambda_H1, lambda_W, ...).
+        history: the run's training history (step, loss, fit, reg_H1, reg_W1.., grad_norm).
+        metrics: the run's tidy metrics (layer, representation, metric, value).
+        weights: layer -> W_l.
+
+    Returns:
+        (comparison, verdict): comparison has one row per checked quantity; verdict one row.
+    """
+    K, L, n = int(settings["K"]), int(settings["L"]), int(settings["n"])
+    opt = dnc_optimum(K, L, n, settings["lambda_H1"], settings["lambda_W"])
+    final = history.iloc[-1].to_dict()
+    loss = float(final["loss"])
+    converged = is_converged(history, tol)
+    rows = [_row("loss vs L_DNC", 0, "", loss, opt.loss, tol.loss_rtol, "closed form")]
+    local = opt.local_loss if opt.zero_optimal and opt.local_loss is not None else None
+    if local is not None:
+        rows.append(_row("loss vs DNC local minimum", 0, "", loss, local, tol.loss_rtol,
+                         "g(c) at the largest stationary c"))
+    l_tri = triangle_loss(K, L, n, settings["lambda_H1"], settings["lambda_W"])
+    if l_tri is not None:
+        rows.append(_row("loss vs L_tri", 0, "", loss, l_tri, tol.loss_rtol,
+                         "triangle construction (an upper bound on the optimum)"))
+    gap = (loss - opt.loss) / opt.loss
+    # A loss below L_DNC is a certificate on its own (DNC is not optimal), converged or not.
+    if gap < -tol.loss_rtol and not opt.zero_optimal:
+        code = "below_dnc_low_rank"
+    elif not converged:
+        code = "not_converged"
+    elif abs(gap) <= tol.loss_rtol:
+        code = "global_optimum" if (K == 2 or L <= 2 or opt.zero_optimal) else "dnc"
+    elif local is not None and abs(loss - local) / local <= tol.loss_rtol:
+        code = "dnc_local_minimum"
+    else:
+        code = "above_dnc"
+    ref = None
+    if code in ("global_optimum", "dnc") and not opt.zero_optimal:
+        ref = opt
+    elif code == "dnc_local_minimum":
+        ref = local_minimum_structure(opt)
+    if ref is not None:
+        rows += _structure_rows(ref, L, final, metrics, weights, tol)
+    comparison = pd.DataFrame(rows)
+    comparison.insert(0, "run", run)
+    structural = comparison[~comparison["quantity"].str.startswith("loss")]
+    checked = structural["pass"].dropna()
+    hidden = [_metric(metrics, l, "post", "rank_means") for l in range(2, L + 1)]
+    verdict = pd.DataFrame([{
+        "run": run,
+        "verdict": code,
+        "verdict_text": VERDICTS[code] if code != "not_converged"
+        else f"not converged (loss {gap:+.2e} relative to L_DNC)",
+        "converged": converged,
+        "steps": int(final["step"]),
+        "final_loss": loss,
+        "final_grad_norm": float(final["grad_norm"]),
+        "L_DNC": opt.loss,
+        "rel_gap": gap,
+        "c_star": opt.scale,
+        "P": opt.P,
+        "threshold": opt.threshold,
+        "regime": opt.regime,
+        "local_min_loss": opt.local_loss if opt.zero_optimal else math.nan,
+        "L_tri": l_tri if l_tri is not None else math.nan,
+        "min_hidden_rank": min(hidden) if hidden else math.nan,
+        "structure_checks": int(len(checked)),
+        "structure_failed": int((~checked.astype(bool)).sum()),
+    }])
+    return comparison, verdict

@@ -1,0 +1,101 @@
+"""Expansion of the experiment grids of config/config.yaml into runs with stable, readable ids.
+
+A DUFM experiment is the ``dufm.defaults`` mapping overridden by the experiment's own keys; its
+``grid`` maps a key to a list of values and the runs are the Cartesian product of the grid (in the
+order the keys are written) times ``seeds``. The run id is
+``<experiment>-<key><value>-...-s<seed>``, built only from the experiment name, the grid values
+and the seed, so it never changes when an unrelated setting does: changing a setting reruns the
+jobs of the same ids (Snakemake's params trigger) and adding a seed or grid value adds new ids.
+
+``lambda`` is a shorthand that sets lambda_H1 and every lambda_W to one value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ConfigError", "expand_dufm_runs", "format_value"]
+
+RUN_KEYS = ("K", "L", "n", "width", "lambda_H1", "lambda_W", "lr", "steps", "optimizer", "tol",
+            "dtype", "init_std", "log_every")
+
+
+class ConfigError(ValueError):
+    """A config value that passed the schema but is inconsistent; the message names the key."""
+
+
+def format_value(v: Any) -> str:
+    """Compact text of a grid value for run ids: 0.005 -> '0.005', [1, 2] -> '1_2'."""
+    if isinstance(v, list | tuple):
+        return "_".join(format_value(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _resolve(exp: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply the lambda shorthand and check per-layer lambda_W lengths; key-naming errors."""
+    v = dict(values)
+    where = f"dufm.experiments.{exp}"
+    if "lambda" in v:
+        lam = v.pop("lambda")
+        v["lambda_H1"], v["lambda_W"] = lam, lam
+    lw = v["lambda_W"]
+    if isinstance(lw, list):
+        if len(lw) != v["L"]:
+            raise ConfigError(f"{where}.lambda_W: {len(lw)} values for L = {v['L']} layers; "
+                              f"give one number or exactly L")
+        v["lambda_W"] = [float(x) for x in lw]
+    else:
+        v["lambda_W"] = float(lw)
+    v["lambda_H1"] = float(v["lambda_H1"])
+    for key in ("lambda_H1", "lr"):
+        if v[key] <= 0:
+            raise ConfigError(f"{where}.{key}: must be positive, got {v[key]}")
+    return v
+
+
+def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map run id -> resolved run settings (RUN_KEYS, seed, experiment, grid values).
+
+    Raises ConfigError naming the key for an inconsistent experiment (the schema checks types).
+    """
+    dufm = config.get("dufm") or {}
+    defaults = dict(dufm.get("defaults") or {})
+    runs: dict[str, dict[str, Any]] = {}
+    for exp, spec in (dufm.get("experiments") or {}).items():
+        spec = dict(spec or {})
+        grid = dict(spec.pop("grid", None) or {})
+        seeds = spec.pop("seeds", defaults.get("seeds", [0]))
+        base = {k: v for k, v in defaults.items() if k != "seeds"}
+        explicit = set(spec) | set(grid)
+        if "lambda" in explicit and explicit & {"lambda_H1", "lambda_W"}:
+            raise ConfigError(f"dufm.experiments.{exp}: give either 'lambda' or "
+                              f"'lambda_H1'/'lambda_W', not both")
+        if "lambda" in explicit:
+            base.pop("lambda_H1", None), base.pop("lambda_W", None)
+        base.update(spec)
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"dufm.experiments.{exp}.grid.{key}: must be a non-empty list")
+        axes = list(grid)
+        for combo in itertools.product(*(grid[k] for k in axes)):
+            point = dict(zip(axes, combo))
+            for seed in seeds:
+                rid = "-".join([exp, *(f"{k}{format_value(point[k])}" for k in axes), f"s{seed}"])
+                settings = _resolve(exp, {**base, **point})
+                missing = [k for k in RUN_KEYS if k not in settings]
+                if missing:
+                    raise ConfigError(f"dufm.experiments.{exp}: missing {missing} "
+                                      f"(set them in dufm.defaults or in the experiment)")
+                if rid in runs:
+                    raise ConfigError(f"dufm.experiments.{exp}: duplicate run id {rid!r}")
+                runs[rid] = {
+                    **{k: settings[k] for k in RUN_KEYS},
+                    "seed": int(seed),
+                    "experiment": exp,
+                    "grid": {k: point[k] for k in axes},
+                }
+    return runs

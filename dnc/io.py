@@ -1,0 +1,183 @@
+"""Parquet I/O: atomic writes, the feature file layout, weight files.
+
+Feature files (docs/schemas.md): one row per sample; columns ``label`` (int32), optional
+``prediction`` (int32), and one ``fixed_size_list<float32|float64>[d]`` column per representation.
+Each representation column reads back as an (N, d) array without a copy (the list's child buffer
+reshaped), and row groups make it streamable chunk by chunk. The file's key-value metadata
+``dnc:layout`` (JSON) lists each column's layer, representation, width and the weight that acts on
+it; ``dnc:config`` holds the producing run's resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "atomic_path",
+    "write_parquet",
+    "FeatureColumn",
+    "write_features",
+    "read_layout",
+    "read_metadata",
+    "iter_feature_chunks",
+    "read_feature_array",
+    "write_weights",
+    "read_weights",
+]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of path; rename it onto path only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _with_metadata(table: pa.Table, metadata: Mapping[str, object] | None) -> pa.Table:
+    if not metadata:
+        return table
+    meta = dict(table.schema.metadata or {})
+    meta.update({k.encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()})
+    return table.replace_schema_metadata(meta)
+
+
+def write_parquet(
+    df: pd.DataFrame | pa.Table, path: str | os.PathLike, metadata: Mapping[str, object] | None = None
+) -> None:
+    """Write a DataFrame or Table atomically; metadata values are stored as JSON under their keys."""
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(_with_metadata(table, metadata), tmp)
+
+
+def read_metadata(path: str | os.PathLike, key: str) -> object:
+    """Decode the JSON value stored under key in a Parquet file's metadata (KeyError if absent)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(key.encode())
+    if raw is None:
+        raise KeyError(f"{path}: no metadata key {key!r}")
+    return json.loads(raw)
+
+
+@dataclass(frozen=True)
+class FeatureColumn:
+    """One representation stored in a feature file.
+
+    layer: layer index (1 = H_1 / backbone output); representation: "input", "pre", "post" or
+    "output"; weight: index of the weight matrix acting on these features (None if none stored).
+    """
+
+    column: str
+    layer: int
+    representation: str
+    dim: int
+    weight: int | None = None
+
+
+def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, d), got shape {values.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def write_features(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    columns: list[tuple[FeatureColumn, np.ndarray]],
+    predictions: np.ndarray | None = None,
+    metadata: Mapping[str, object] | None = None,
+    row_group_rows: int = 65536,
+) -> None:
+    """Write per-sample features, one fixed-size-list column per representation, atomically.
+
+    Args:
+        labels: (N,) integer labels. columns: (FeatureColumn, (N, d) float array) pairs.
+        predictions: optional (N,) model predictions (for NC4).
+        row_group_rows: rows per row group, the unit of streaming reads.
+    """
+    labels = np.asarray(labels)
+    arrays = {"label": pa.array(labels.astype(np.int32))}
+    if predictions is not None:
+        arrays["prediction"] = pa.array(np.asarray(predictions).astype(np.int32))
+    for col, values in columns:
+        if values.shape != (labels.shape[0], col.dim):
+            raise ValueError(f"{col.column}: expected shape ({labels.shape[0]}, {col.dim}), "
+                             f"got {values.shape}")
+        arrays[col.column] = _fixed_list(values)
+    layout = [col.__dict__ for col, _ in columns]
+    table = _with_metadata(pa.table(arrays), {"dnc:layout": layout, **(metadata or {})})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_rows)
+
+
+def read_layout(path: str | os.PathLike) -> list[FeatureColumn]:
+    """The FeatureColumn entries of a feature file, in file order."""
+    return [FeatureColumn(**c) for c in read_metadata(path, "dnc:layout")]
+
+
+def _list_to_array(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, d) NumPy view of a fixed-size-list array (zero-copy for a single chunk)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    d = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+def iter_feature_chunks(
+    path: str | os.PathLike, column: str, batch_rows: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Stream (features (b, d), labels (b,), predictions (b,) or None) from a feature file."""
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise KeyError(f"{path}: no feature column {column!r}; columns are {names}")
+    cols = ["label", column] + (["prediction"] if "prediction" in names else [])
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        pred = batch.column("prediction").to_numpy() if "prediction" in names else None
+        yield _list_to_array(batch.column(column)), batch.column("label").to_numpy(), pred
+
+
+def read_feature_array(path: str | os.PathLike, column: str) -> np.ndarray:
+    """Whole (N, d) array of one representation column."""
+    return _list_to_array(pq.read_table(path, columns=[column]).column(column))
+
+
+def write_weights(path: str | os.PathLike, weights: list[np.ndarray],
+                  metadata: Mapping[str, object] | None = None) -> None:
+    """Store W_1..W_L: one row per layer with its shape and row-major values (float64)."""
+    table = pa.table({
+        "layer": pa.array(list(range(1, len(weights) + 1)), pa.int32()),
+        "rows": pa.array([w.shape[0] for w in weights], pa.int32()),
+        "cols": pa.array([w.shape[1] for w in weights], pa.int32()),
+        "values": pa.array([np.asarray(w, np.float64).reshape(-1) for w in weights],
+                           pa.list_(pa.float64())),
+    })
+    with atomic_path(path) as tmp:
+        pq.write_table(_with_metadata(table, metadata), tmp)
+
+
+def read_weights(path: str | os.PathLike) -> dict[int, np.ndarray]:
+    """layer -> (rows, cols) float64 weight matrix."""
+    t = pq.read_table(path).to_pydict()
+    return {
+        layer: np.asarray(v, np.float64).reshape(r, c)
+        for layer, r, c, v in zip(t["layer"], t["rows"], t["cols"], t["values"])
+    }

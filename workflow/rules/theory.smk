@@ -1,0 +1,17 @@
+rule compare_theory:
+    input:
+        history="results/dufm/{run}/history.parquet",
+        weights="results/dufm/{run}/weights.parquet",
+        metrics="results/metrics/{run}/metrics.parquet",
+    output:
+        comparison="results/theory/{run}/comparison.parquet",
+        verdict="results/theory/{run}/verdict.parquet",
+    log:
+        "logs/compare_theory/{run}.log",
+    params:
+        settings=run_settings,
+        tolerances=config["theory"]["tolerances"],
+        version=DNC_VERSION,
+    threads: 1
+    script:
+        "../../scripts/compare_theory.py"
