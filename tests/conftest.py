@@ -1,0 +1,28 @@
+"""Shared fixtures: explicit DNC constructions built without the closed forms under test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dnc.dufm import DUFMState
+
+
+def dnc_construction(K: int, L: int, n: int, d: int, norms: list[float]) -> DUFMState:
+    """An exact DNC point of the L-DUFM with class-mean norms [a, s_2, ..., s_L, c].
+
+    Class means of H_1 and of every hidden layer are norms[l] * e_k (orthogonal, equal norms, no
+    within-class spread); W_l maps e_k to (s_{l+1}/s_l) e_k and W_L reads c e_k^T. float64.
+    """
+    assert d >= K and len(norms) == L + 1
+    E = torch.eye(d, dtype=torch.float64)[:, :K]  # (d, K)
+    H1 = norms[0] * E.repeat_interleave(n, dim=1)  # (d, N)
+    W = [(norms[l + 1] / norms[l]) * (E @ E.T) for l in range(L - 1)]
+    W.append((norms[L] / norms[L - 1]) * E.T)  # (K, d)
+    return DUFMState(H1=H1, W=W)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
