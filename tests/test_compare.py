@@ -1,0 +1,68 @@
+"""Theory comparison on explicit solutions: the exact optimum passes every check, others do not."""
+
+import pandas as pd
+import pytest
+from conftest import dnc_construction
+
+from dnc.compare import Tolerances, compare_run, is_converged
+from dnc.dufm import DUFMConfig, feature_columns, objective
+from dnc.io import write_features
+from dnc.streaming import feature_file_metrics
+from dnc.theory import dnc_optimum
+
+
+def measure(tmp_path, K, L, n, d, lam, norms, grad_norm=0.0):
+    state = dnc_construction(K, L, n, d, list(norms))
+    cfg = DUFMConfig(K=K, L=L, n=n, width=d, lambda_H1=lam, lambda_W=lam, lr=1.0, steps=1)
+    obj = objective(state, cfg)
+    row = {"step": 100, "loss": obj.loss, "fit": obj.fit, "reg_H1": obj.reg_H1, "grad_norm": grad_norm}
+    row.update({f"reg_W{l + 1}": v for l, v in enumerate(obj.reg_W)})
+    history = pd.DataFrame([{**row, "step": 0}, row])
+    cols, y, pred = feature_columns(state)
+    write_features(tmp_path / "f.parquet", y, cols, pred)
+    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
+    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
+    settings = {"K": K, "L": L, "n": n, "lambda_H1": lam, "lambda_W": lam}
+    return settings, history, metrics, weights
+
+
+@pytest.mark.parametrize("K,L", [(2, 3), (2, 4), (3, 3)])
+def test_exact_optimum_passes_every_check(tmp_path, K, L):
+    opt = dnc_optimum(K, L, 10, 5e-3, 5e-3)
+    comp, verdict = compare_run("r", *measure(tmp_path, K, L, 10, 6, 5e-3, opt.mean_norms))
+    v = verdict.iloc[0]
+    assert v["verdict"] == ("global_optimum" if K == 2 else "dnc")
+    assert v["structure_failed"] == 0 and v["structure_checks"] > 3 * L
+    assert abs(v["rel_gap"]) < 1e-12
+    assert comp.loc[comp["quantity"] == "nc1_pinv", "layer"].nunique() == L + 1
+    not_pinned = comp[comp["note"].str.startswith("not pinned")]
+    assert set(zip(not_pinned["layer"], not_pinned["representation"])) == {(1, "input"), (2, "pre")}
+
+
+def test_off_optimum_points_are_flagged(tmp_path):
+    opt = dnc_optimum(2, 3, 10, 5e-3, 5e-3)
+    norms = list(opt.mean_norms)
+    norms[-1] *= 0.9  # wrong output scale: a DNC-shaped point above the optimum
+    _, verdict = compare_run("r", *measure(tmp_path, 2, 3, 10, 6, 5e-3, norms))
+    assert verdict.iloc[0]["verdict"] == "above_dnc"
+    _, verdict = compare_run("r", *measure(tmp_path, 2, 3, 10, 6, 5e-3, norms, grad_norm=1.0))
+    assert verdict.iloc[0]["verdict"] == "not_converged"
+
+
+def test_local_minimum_above_threshold(tmp_path):
+    from dnc.theory import local_minimum_structure
+
+    opt = dnc_optimum(2, 3, 10, 0.08, 0.08)
+    loc = local_minimum_structure(opt)
+    comp, verdict = compare_run("r", *measure(tmp_path, 2, 3, 10, 6, 0.08, loc.mean_norms))
+    assert verdict.iloc[0]["verdict"] == "dnc_local_minimum"
+    assert verdict.iloc[0]["structure_failed"] == 0
+    assert (comp["quantity"] == "loss vs DNC local minimum").any()
+
+
+def test_plateau_counts_as_converged():
+    h = pd.DataFrame({"step": [0, 50, 75, 100], "loss": [1.0, 0.5, 0.5, 0.5 * (1 + 1e-9)],
+                      "grad_norm": [1.0, 1e-3, 1e-3, 1e-3]})
+    assert is_converged(h, Tolerances())
+    h.loc[3, "loss"] = 0.49
+    assert not is_converged(h, Tolerances())

@@ -1,0 +1,49 @@
+"""Grid expansion: stable readable run ids, the lambda shorthand, key-naming errors."""
+
+import pytest
+
+from dnc.config import ConfigError, expand_dufm_runs
+
+DEFAULTS = {"K": 2, "L": 3, "n": 10, "width": 16, "lambda_H1": 5e-3, "lambda_W": 5e-3, "lr": 0.5,
+            "steps": 100, "optimizer": "gd", "tol": 0.0, "dtype": "float64", "init_std": None,
+            "log_every": 10, "seeds": [0]}
+
+
+def runs(experiments, **defaults):
+    return expand_dufm_runs({"dufm": {"defaults": {**DEFAULTS, **defaults},
+                                      "experiments": experiments}})
+
+
+def test_grid_product_and_ids():
+    r = runs({"scan": {"seeds": [0, 1], "grid": {"L": [2, 3], "lambda": [0.05, 0.074]}}})
+    assert list(r)[:3] == ["scan-L2-lambda0.05-s0", "scan-L2-lambda0.05-s1",
+                           "scan-L2-lambda0.074-s0"]
+    assert len(r) == 8
+    one = r["scan-L3-lambda0.074-s1"]
+    assert one["L"] == 3 and one["lambda_H1"] == 0.074 and one["lambda_W"] == 0.074
+    assert one["seed"] == 1 and one["grid"] == {"L": 3, "lambda": 0.074}
+
+
+def test_ids_do_not_depend_on_unrelated_settings():
+    a = runs({"e": {"grid": {"width": [8, 16]}}})
+    b = runs({"e": {"lr": 0.1, "grid": {"width": [8, 16]}}})
+    assert list(a) == list(b)
+    assert a["e-width8-s0"]["lr"] != b["e-width8-s0"]["lr"]
+
+
+def test_per_layer_lambda_in_grid():
+    r = runs({"e": {"grid": {"lambda_W": [[1e-3, 2e-3, 3e-3], 5e-3]}}})
+    assert list(r) == ["e-lambda_W0.001_0.002_0.003-s0", "e-lambda_W0.005-s0"]
+    assert r["e-lambda_W0.001_0.002_0.003-s0"]["lambda_W"] == [1e-3, 2e-3, 3e-3]
+
+
+def test_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"dufm.experiments.e.lambda_W: 2 values for L = 3"):
+        runs({"e": {"lambda_W": [1e-3, 1e-3]}})
+    with pytest.raises(ConfigError, match=r"dufm.experiments.e: give either 'lambda'"):
+        runs({"e": {"lambda": 1e-3, "lambda_W": 1e-3}})
+    with pytest.raises(ConfigError, match=r"dufm.experiments.e.grid.L: must be a non-empty list"):
+        runs({"e": {"grid": {"L": []}}})
+    with pytest.raises(ConfigError, match=r"missing \['K'\]"):
+        expand_dufm_runs({"dufm": {"defaults": {k: v for k, v in DEFAULTS.items() if k != "K"},
+                                   "experiments": {"e": {}}}})

@@ -1,0 +1,56 @@
+"""Atomic writes and the feature file layout."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dnc.io import (
+    FeatureColumn,
+    atomic_path,
+    iter_feature_chunks,
+    read_feature_array,
+    read_layout,
+    read_metadata,
+    read_weights,
+    write_features,
+    write_weights,
+)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.parquet"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_feature_roundtrip_chunks_and_layout(tmp_path, rng):
+    N = 23
+    a, b = rng.standard_normal((N, 4)), rng.standard_normal((N, 2)).astype(np.float32)
+    y = rng.integers(0, 3, N)
+    cols = [(FeatureColumn("l1_input", 1, "input", 4, weight=1), a),
+            (FeatureColumn("l2_output", 2, "output", 2), b)]
+    path = tmp_path / "f.parquet"
+    write_features(path, y, cols, predictions=y[::-1], row_group_rows=5, metadata={"dnc:step": 3})
+    assert pq.ParquetFile(path).num_row_groups == 5
+    assert read_layout(path) == [c for c, _ in cols] and read_metadata(path, "dnc:step") == 3
+    np.testing.assert_array_equal(read_feature_array(path, "l1_input"), a)
+    chunks = list(iter_feature_chunks(path, "l2_output", batch_rows=7))
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), b)
+    assert chunks[0][0].dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), y[::-1])
+    with pytest.raises(KeyError, match="no feature column 'nope'"):
+        next(iter_feature_chunks(path, "nope"))
+
+
+def test_weights_roundtrip(tmp_path, rng):
+    ws = [rng.standard_normal((5, 3)), rng.standard_normal((2, 5))]
+    write_weights(tmp_path / "w.parquet", ws)
+    got = read_weights(tmp_path / "w.parquet")
+    assert list(got) == [1, 2]
+    for i, w in enumerate(ws, start=1):
+        np.testing.assert_array_equal(got[i], w)
