@@ -35,7 +35,10 @@ class Tolerances:
     """Thresholds of the comparison.
 
     loss_rtol: relative loss gap counted as agreement. structure_rtol: relative gap of norms,
-    penalties and singular values. collapse_atol: absolute bound for metrics predicted to be 0.
+    penalties and singular values. collapse_atol: bound on NC1 (a ratio of variances, i.e. a
+    squared distance) where 0 is predicted. geometry_atol: bound on NC2/NC3 (unsquared Frobenius
+    distances) where 0 is predicted; near a minimum the loss gap scales like their square, so
+    geometry_atol ~ sqrt(loss_rtol) is the consistent choice.
     grad_norm: a run is converged when its final gradient norm is below this, or when its loss
     changed by less than plateau_rtol (relative) over the last quarter of its history.
     """
@@ -43,6 +46,7 @@ class Tolerances:
     loss_rtol: float = 1e-6
     structure_rtol: float = 1e-3
     collapse_atol: float = 1e-6
+    geometry_atol: float = 1e-3
     grad_norm: float = 1e-6
     plateau_rtol: float = 1e-7
 
@@ -100,7 +104,7 @@ def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics
         pinned = not (layer == 1 or (layer == 2 and rep == "pre"))
         if pinned:
             rows.append(_row("nc2_orth", layer, rep, _metric(metrics, layer, rep, "nc2_orth"),
-                             0.0, tol.collapse_atol, "DNC2: orthogonal equal-norm means",
+                             0.0, tol.geometry_atol, "DNC2: orthogonal equal-norm means",
                              mode="abs"))
         else:
             rows.append(_row("nc2_orth", layer, rep, _metric(metrics, layer, rep, "nc2_orth"),
@@ -119,10 +123,10 @@ def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics
     # DNC3: rows of W_l in span of its input means (l >= 2); W_L proportional to M_L^T.
     for l in range(2, L + 1):
         rows.append(_row("nc3_span", l, "post", _metric(metrics, l, "post", "nc3_span"), 0.0,
-                         tol.collapse_atol, f"DNC3: row space of W_{l} in span(M_{l})",
+                         tol.geometry_atol, f"DNC3: row space of W_{l} in span(M_{l})",
                          mode="abs"))
     rows.append(_row("nc3_uncentred", L, "post", _metric(metrics, L, "post", "nc3_uncentred"),
-                     0.0, tol.collapse_atol, "DNC3: W_L proportional to M_L^T", mode="abs"))
+                     0.0, tol.geometry_atol, "DNC3: W_L proportional to M_L^T", mode="abs"))
     for l, pred in zip(range(2, L + 1), opt.weight_singular_values):
         if l in weights:
             sv = np.linalg.svd(weights[l], compute_uv=False)[: opt.K]

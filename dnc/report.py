@@ -162,7 +162,8 @@ body{font-family:system-ui,sans-serif;margin:24px;max-width:1500px;color:#222}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left;white-space:nowrap}
+td[class^="v-"]{white-space:nowrap;text-align:left}
 tr.fail td{background:#fde2e2}
 .v-global_optimum,.v-dnc{color:#126b12;font-weight:600}
 .v-below_dnc_low_rank{color:#7a4cc2;font-weight:600}
@@ -205,7 +206,9 @@ def render_html(
     parts.append(f"<img src='data:image/png;base64,{loss_figure(histories, verdicts, config)}'>")
     parts.append("<h2>Collapse per layer (NC1 = tr(&Sigma;<sub>W</sub>&Sigma;<sub>B</sub><sup>+"
                  "</sup>)/K, NC2 = uncentred orthogonality, NC3 = share of W<sub>l</sub> outside "
-                 "span(M<sub>l</sub>))</h2>")
+                 "span(M<sub>l</sub>))</h2><p class='note'>Log scales; exact zeros are drawn "
+                 "at 1e-32. Layer 1 is H<sub>1</sub>, the last point the output; the H<sub>1</sub> "
+                 "and layer-2 pre-activation geometry is not pinned by the theory.</p>")
     parts.append(f"<img src='data:image/png;base64,{layer_figure(metrics, config)}'>")
     spec = spectrum_figure(metrics, config)
     if spec:
