@@ -248,3 +248,18 @@ def test_torch_input_and_float32_accumulate_in_float64(rng):
     ref32 = reference(H.astype(np.float32).astype(np.float64), y)
     assert m32["nc1_pinv"] == pytest.approx(ref32["nc1_pinv"], rel=1e-10)
     assert m32["nc1_pinv"] == pytest.approx(m64["nc1_pinv"], rel=1e-5)
+
+
+def test_input_untouched_and_block_size_irrelevant(rng, monkeypatch):
+    import dnc.metrics as metrics
+
+    H, y = blobs(rng, K=3, d=5, n=30)
+    W = rng.standard_normal((3, 5))
+    T = torch.tensor(H)
+    before = T.clone()
+    whole = layer_metrics(T, y, weight=W, predictions=y)
+    torch.testing.assert_close(T, before, rtol=0, atol=0)
+    monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 7 * 5)  # blocks of 7 rows
+    blocked = layer_metrics(T, y, weight=W, predictions=y)
+    for key, value in whole.items():
+        assert blocked[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
