@@ -104,14 +104,16 @@ def write_features(
     columns: list[tuple[FeatureColumn, np.ndarray]],
     predictions: np.ndarray | None = None,
     metadata: Mapping[str, object] | None = None,
-    row_group_rows: int = 65536,
+    row_group_rows: int | None = None,
+    row_group_mb: float = 64.0,
 ) -> None:
     """Write per-sample features, one fixed-size-list column per representation, atomically.
 
     Args:
         labels: (N,) integer labels. columns: (FeatureColumn, (N, d) float array) pairs.
         predictions: optional (N,) model predictions (for NC4).
-        row_group_rows: rows per row group, the unit of streaming reads.
+        row_group_rows: rows per row group, the unit of streaming reads; None sizes row groups
+            to about row_group_mb megabytes of feature data.
     """
     labels = np.asarray(labels)
     arrays = {"label": pa.array(labels.astype(np.int32))}
@@ -122,6 +124,9 @@ def write_features(
             raise ValueError(f"{col.column}: expected shape ({labels.shape[0]}, {col.dim}), "
                              f"got {values.shape}")
         arrays[col.column] = _fixed_list(values)
+    if row_group_rows is None:
+        row_bytes = sum(v.shape[1] * v.itemsize for _, v in columns) + 8
+        row_group_rows = max(1, int(row_group_mb * 2**20 // row_bytes))
     layout = [col.__dict__ for col, _ in columns]
     table = _with_metadata(pa.table(arrays), {"dnc:layout": layout, **(metadata or {})})
     with atomic_path(path) as tmp:
@@ -142,13 +147,21 @@ def _list_to_array(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def iter_feature_chunks(
-    path: str | os.PathLike, column: str, batch_rows: int = 65536
+    path: str | os.PathLike, column: str, batch_rows: int | None = None, chunk_mb: float = 256.0
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Stream (features (b, d), labels (b,), predictions (b,) or None) from a feature file."""
-    pf = pq.ParquetFile(path)
+    """Stream (features (b, d), labels (b,), predictions (b,) or None) from a feature file.
+
+    batch_rows: rows per chunk; None sizes chunks to about chunk_mb megabytes of features. Peak
+    memory is about one chunk plus one row group, whatever the number of rows.
+    """
+    pf = pq.ParquetFile(path, buffer_size=1 << 22)  # buffered reads: one row group at a time
     names = pf.schema_arrow.names
     if column not in names:
         raise KeyError(f"{path}: no feature column {column!r}; columns are {names}")
+    if batch_rows is None:
+        ftype = pf.schema_arrow.field(column).type
+        row_bytes = ftype.list_size * ftype.value_type.bit_width // 8
+        batch_rows = max(1, int(chunk_mb * 2**20 // row_bytes))
     cols = ["label", column] + (["prediction"] if "prediction" in names else [])
     for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
         pred = batch.column("prediction").to_numpy() if "prediction" in names else None

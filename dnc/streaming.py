@@ -33,7 +33,7 @@ def feature_file_metrics(
     split: str = "train",
     weights: Mapping[int, np.ndarray] | None = None,
     convention: Convention = Convention(),
-    batch_rows: int = 65536,
+    batch_rows: int | None = None,
     device: str = "auto",
     columns: list[str] | None = None,
 ) -> pd.DataFrame:
@@ -44,7 +44,7 @@ def feature_file_metrics(
         run, split: identifiers carried into the table; the step comes from the file's metadata
             ("dnc:step", -1 if absent).
         weights: layer -> weight matrix; a column whose layout names weight l gets NC3 with W_l.
-        batch_rows: rows per streamed chunk.
+        batch_rows: rows per streamed chunk (None: chunks of about 256 MB).
         device: "auto", "cpu" or "cuda[:i]": where the accumulation runs.
         columns: restrict to these representation columns (default: all).
 
