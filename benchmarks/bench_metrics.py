@@ -134,8 +134,10 @@ def speed(args, device: torch.device) -> list[dict]:
     return results
 
 
-def write_big(path: Path, N: int, K: int, d: int, rows: int = 16384) -> None:
-    """Write an N x d float32 feature file chunk by chunk (bounded memory)."""
+def write_big(path: Path, N: int, K: int, d: int, rows: int | None = None) -> None:
+    """Write an N x d float32 feature file chunk by chunk (bounded memory), in row groups of
+    about 64 MB as dnc.io.write_features writes them."""
+    rows = rows or max(1, (64 << 20) // (4 * d))
     schema = pa.schema([("label", pa.int32()), ("x", pa.list_(pa.float32(), d))]).with_metadata(
         {b"dnc:layout": json.dumps([FeatureColumn("x", 1, "post", d).__dict__]).encode()})
     g = torch.Generator().manual_seed(0)

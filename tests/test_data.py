@@ -1,0 +1,127 @@
+"""Dataset stage: offline datasets, options, and torchvision loaders on tiny files written here in
+each dataset's real on-disk format."""
+
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from dnc.data import DatasetSpec, load_splits, prepare_dataset, read_split
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """The MNIST idx format: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_mnist(root, folder="MNIST", n=12, rng=None):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = rng or np.random.default_rng(0)
+    data = {}
+    for prefix, m in (("train", n), ("t10k", n // 2)):
+        X = rng.integers(0, 256, (m, 28, 28), dtype=np.uint8)
+        y = np.arange(m) % 10
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", X)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+        data[prefix] = (X, y)
+    return data
+
+
+def tiny_cifar(root, hundred=False, n=6, rng=None):
+    rng = rng or np.random.default_rng(0)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    # The real pickles come from Python 2; loaded with latin1 their keys are str.
+    key = "fine_labels" if hundred else "labels"
+    files = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    written = {}
+    for name in files:
+        X = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = list(rng.integers(0, 100 if hundred else 10, n))
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": X, key: y}, f, protocol=2)
+        written[name] = (X, y)
+    meta = {"fine_label_names": [f"c{i}" for i in range(100)]} if hundred else \
+        {"label_names": [f"c{i}" for i in range(10)]}
+    with open(folder / ("meta" if hundred else "batches.meta"), "wb") as f:
+        pickle.dump(meta, f)
+    return written
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """CIFAR and SVHN check md5 sums of the real archives; tiny files cannot match them."""
+    import torchvision.datasets as tvd
+
+    for cls in (tvd.CIFAR10, tvd.CIFAR100, tvd.SVHN):
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
+def test_mnist_idx_files(tmp_path, name, folder):
+    data = tiny_mnist(tmp_path, folder)
+    splits, index = load_splits(DatasetSpec(name, root=str(tmp_path)))
+    X, y = splits["train"]
+    assert X.shape == (12, 1, 28, 28) and X.dtype == np.float32
+    np.testing.assert_allclose(X[:, 0] * 255, data["train"][0], atol=1e-4)
+    np.testing.assert_array_equal(y, data["train"][1])
+    assert splits["test"][0].shape == (6, 1, 28, 28)
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_pickles(tmp_path, no_md5, hundred):
+    written = tiny_cifar(tmp_path, hundred)
+    splits, _ = load_splits(DatasetSpec("cifar100" if hundred else "cifar10", root=str(tmp_path)))
+    X, y = splits["train"]
+    first = written["train" if hundred else "data_batch_1"]
+    assert X.shape == ((6 if hundred else 30), 3, 32, 32)
+    # torchvision reshapes rows to (3, 32, 32) then to HWC; we go back to CHW.
+    np.testing.assert_allclose(X[:6] * 255, first[0].reshape(6, 3, 32, 32), atol=1e-4)
+    np.testing.assert_array_equal(y[:6], first[1])
+
+
+def test_svhn_mat_files(tmp_path, no_md5):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        X = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = np.arange(1, n + 1)[:, None] % 10 + 1  # SVHN stores digit 0 as label 10
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": X, "y": y})
+    splits, _ = load_splits(DatasetSpec("svhn", root=str(tmp_path)))
+    X, y = splits["train"]
+    assert X.shape == (8, 3, 32, 32)
+    np.testing.assert_array_equal(y, (np.arange(1, 9) % 10 + 1) % 10)
+
+
+def test_missing_files_name_the_root_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"root .*nowhere.*cifar-10-batches-py.*download"):
+        load_splits(DatasetSpec("cifar10", root=str(tmp_path / "nowhere")))
+
+
+def test_offline_datasets_balanced_subsets_and_standardisation(tmp_path):
+    for name in ("digits", "mnist1d", "gaussian"):
+        splits, index = load_splits(DatasetSpec(name, n_per_class=7, standardize=True))
+        X, y = splits["train"]
+        assert np.bincount(y).tolist() == [7] * 10
+        flat = X.reshape(len(y), -1)
+        std = flat.std(0)
+        assert np.allclose(flat.mean(0)[std > 0], 0, atol=1e-5) and np.allclose(std[std > 0], 1, atol=1e-4)
+        assert (index["train"][1:] > index["train"][:-1]).all()  # kept in source order
+    first, _ = load_splits(DatasetSpec("digits", first_n=11))
+    assert len(first["train"][1]) == 11
+    with pytest.raises(ValueError, match="n_per_class or first_n"):
+        DatasetSpec("digits", n_per_class=3, first_n=3)
+
+
+def test_parquet_roundtrip(tmp_path):
+    meta = prepare_dataset(DatasetSpec("digits", n_per_class=5), tmp_path / "d.parquet")
+    X, y, m = read_split(tmp_path / "d.parquet", "train")
+    splits, _ = load_splits(DatasetSpec("digits", n_per_class=5))
+    assert tuple(X.shape) == (50, 1, 8, 8) and m["shape"] == [1, 8, 8] == meta["shape"]
+    np.testing.assert_array_equal(X.numpy(), splits["train"][0])
+    np.testing.assert_array_equal(y.numpy(), splits["train"][1])
+    assert m["num_classes"] == 10 and m["counts"]["train"] == 50
