@@ -1,0 +1,159 @@
+"""Networks with a DUFM-like head: backbone (MLP, ResNet20, ResNet18) -> H_1 -> bias-free head.
+
+The head mirrors the DUFM of dufm-theory.md s1 with L = head_layers + 1 weight layers: W_1 ..
+W_{L-1} are bias-free FC layers of width d each followed by ReLU, W_L is a bias-free linear
+classifier. Representations are named like the DUFM feature files: l1_input (backbone output H_1),
+l{l}_pre / l{l}_post for l = 2..L, l{L+1}_output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "ResNet20", "resnet18_small", "DUFMHead", "Net", "build_net"]
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear+ReLU per hidden width, then a Linear to out_dim (no ReLU: H_1 is free)."""
+
+    def __init__(self, in_dim: int, widths: list[int], out_dim: int, bias: bool = True,
+                 init_gain: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        dims = [in_dim, *widths]
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
+        layers.append(nn.Linear(dims[-1], out_dim, bias=bias))
+        self.net = nn.Sequential(*layers)
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.weight.data.mul_(init_gain)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(out)) + self.short(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet20 (He et al. 2016): 3 stages of 3 basic blocks, 16/32/64 channels,
+    global average pooling; returns (B, 64) features (post-ReLU)."""
+
+    out_dim = 64
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(_Block(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
+
+def resnet18_small(in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet18 for small images: 3x3 stride-1 stem, no max-pool, no fc (512-d out)."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.out_dim = 512
+    return net
+
+
+class DUFMHead(nn.Module):
+    """head_layers bias-free Linear(d, d)+ReLU layers and a bias-free Linear(d, K) classifier."""
+
+    def __init__(self, width: int, head_layers: int, num_classes: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(head_layers))
+        self.classifier = nn.Linear(width, num_classes, bias=False)
+        for lin in [*self.layers, self.classifier]:
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(width))
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """W_1 .. W_L (the classifier is W_L)."""
+        return [lin.weight for lin in self.layers] + [self.classifier.weight]
+
+    def forward(self, h: torch.Tensor, keep: bool = False):
+        reps = {"l1_input": h} if keep else None
+        for i, lin in enumerate(self.layers):
+            pre = lin(h)
+            h = torch.relu(pre)
+            if keep:
+                reps[f"l{i + 2}_pre"], reps[f"l{i + 2}_post"] = pre, h
+        out = self.classifier(h)
+        if keep:
+            reps[f"l{len(self.layers) + 2}_output"] = out
+            return out, reps
+        return out
+
+
+class Net(nn.Module):
+    """backbone -> optional bias-free projection to the head width -> DUFMHead."""
+
+    def __init__(self, backbone: nn.Module, backbone_dim: int, width: int, head_layers: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.project = nn.Identity() if backbone_dim == width else nn.Linear(backbone_dim, width, bias=False)
+        self.head = DUFMHead(width, head_layers, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """H_1 rows, (B, width)."""
+        return self.project(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, K), H_1 (B, width))."""
+        h = self.features(x)
+        return self.head(h), h
+
+    def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head representation of a batch, keyed l1_input, l2_pre, ..., l{L+1}_output."""
+        return self.head(self.features(x), keep=True)[1]
+
+
+def build_net(arch: str, input_shape: list[int], num_classes: int, width: int, head_layers: int,
+              mlp_widths: list[int] | None = None, bias: bool = True, init_gain: float = 1.0) -> Net:
+    """arch: mlp, resnet20 or resnet18; input_shape (C, H, W) or (C, L) of one sample."""
+    if arch == "mlp":
+        backbone, dim = MLP(math.prod(input_shape), list(mlp_widths or []), width, bias, init_gain), width
+    elif arch == "resnet20":
+        backbone, dim = ResNet20(input_shape[0]), ResNet20.out_dim
+    elif arch == "resnet18":
+        backbone = resnet18_small(input_shape[0])
+        dim = backbone.out_dim
+    else:
+        raise ValueError(f"unknown arch {arch!r}; choose mlp, resnet20 or resnet18")
+    return Net(backbone, dim, width, head_layers, num_classes)

@@ -1,0 +1,239 @@
+"""Training of networks with a DUFM head: one loop, checkpoints, resume, history.
+
+Objective per mini-batch B of a training set of N samples (an unbiased estimate of the DUFM
+objective of dufm-theory.md s1 with the backbone output as H_1)::
+
+    mean_{i in B} [ loss_i + (N lambda_H1 / 2) ||h_i||^2 ] + sum_l (lambda_W_l / 2) ||W_l||^2
+        + (weight_decay / 2) ||backbone||^2
+
+loss_i is (1/2)||z_i - y_i||^2 for "mse" (one-hot targets) and "mse_pm1" (+1/-1 targets), or the
+cross-entropy for "ce". The sum over samples of the H_1 penalty is what the DUFM has, so it is
+scaled by N here.
+
+Checkpoints (one dict: model, optimizer, scheduler, epoch, config, history) are written atomically
+to <out>/resume/last.pt every checkpoint_every epochs and to <out>/resume/epoch<E>.pt at every
+feature epoch; a rerun resumes from last.pt when its config matches and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dnc.dufm import resolve_device
+from dnc.io import atomic_path
+from dnc.models import Net, build_net
+from dnc.theory import lambda_vector
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NetConfig", "train_network", "load_checkpoint", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One network training run.
+
+    arch: mlp, resnet20, resnet18. mlp_widths: hidden widths of the MLP backbone; bias, init_gain:
+    its bias switch and init scale. head_layers, head_width: the DUFM head (L = head_layers + 1
+    weight layers). loss: mse, mse_pm1 or ce. optimizer: sgd (momentum 0.9) or adam. schedule:
+    constant, cosine or step (x0.1 at 1/2 and 3/4 of the epochs). lambda_H1: penalty on the
+    backbone output, summed over samples as in the DUFM. lambda_W: weight decay per head layer
+    (one number or L). weight_decay: ordinary decay of the backbone. feature_epochs: epochs whose
+    parameters are kept for feature extraction (0 = initialisation).
+    """
+
+    arch: str = "mlp"
+    mlp_widths: tuple[int, ...] = (256, 256)
+    bias: bool = True
+    init_gain: float = 1.0
+    head_layers: int = 3
+    head_width: int = 64
+    loss: str = "mse"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    epochs: int = 20
+    batch_size: int = 128
+    lambda_H1: float = 5e-6
+    lambda_W: float | tuple[float, ...] = 5e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    checkpoint_every: int = 1
+    feature_epochs: tuple[int, ...] = field(default_factory=tuple)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("arch", ("mlp", "resnet20", "resnet18")), ("loss", ("mse", "mse_pm1", "ce")),
+                             ("optimizer", ("sgd", "adam")), ("schedule", ("constant", "cosine", "step"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        lam = self.lambda_W
+        object.__setattr__(self, "lambda_W", lam if isinstance(lam, float | int) else tuple(lam))
+        lambda_vector(self.lambda_W, self.head_layers + 1)
+        bad = [e for e in self.feature_epochs if not 0 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"feature_epochs {bad} outside 0..{self.epochs}")
+
+    @classmethod
+    def from_settings(cls, settings: dict, device: str = "auto") -> NetConfig:
+        keys = set(cls.__dataclass_fields__) - {"device"}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in keys}
+        return cls(**kw, device=device)
+
+    def resume_key(self) -> dict:
+        """Settings that must match for a checkpoint to be resumed (device may differ)."""
+        d = asdict(self)
+        d.pop("device")
+        return d
+
+
+def targets_for(y: torch.Tensor, K: int, kind: str) -> torch.Tensor:
+    onehot = F.one_hot(y, K).to(torch.float32)
+    return 2 * onehot - 1 if kind == "mse_pm1" else onehot
+
+
+def sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample loss (B,): (1/2)||z - t||^2 for the MSE kinds, cross-entropy for ce."""
+    if kind == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    return 0.5 * ((logits - targets_for(y, logits.shape[1], kind)) ** 2).sum(dim=1)
+
+
+def _optimizer(net: Net, cfg: NetConfig) -> torch.optim.Optimizer:
+    lams = lambda_vector(cfg.lambda_W, cfg.head_layers + 1)
+    head = [{"params": [w], "weight_decay": lam} for w, lam in zip(net.head.weights, lams)]
+    rest = [p for n, p in net.named_parameters() if not n.startswith("head.")]
+    groups = [{"params": rest, "weight_decay": cfg.weight_decay}, *head]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)  # L2 decay added to the gradient, as in SGD
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: NetConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    elif cfg.schedule == "step":
+        fn = lambda s: 0.1 ** ((s >= total // 2) + (s >= 3 * total // 4))  # noqa: E731
+    else:
+        fn = lambda s: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+
+@torch.no_grad()
+def evaluate(net: Net, X: torch.Tensor, y: torch.Tensor, cfg: NetConfig, batch: int = 1024):
+    """(mean loss, accuracy) over a whole split, in eval mode."""
+    net.eval()
+    dev = next(net.parameters()).device
+    total, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        xb, yb = X[i:i + batch].to(dev), y[i:i + batch].to(dev)
+        logits, _ = net(xb)
+        total += float(sample_loss(logits, yb, cfg.loss).sum())
+        correct += int((logits.argmax(1) == yb).sum())
+    return total / len(y), correct / len(y)
+
+
+def _save(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def train_network(
+    cfg: NetConfig, data: dict, out_dir: str | Path, num_classes: int, run: str = "net",
+    progress: bool = True, stop_after: int | None = None,
+) -> list[dict]:
+    """Train (or resume) and return the history rows (one per epoch).
+
+    data: {"train": (X, y), "test": (X, y)} tensors (X (N, *shape) float32, y (N,) int64).
+    stop_after: end after this epoch as a killed job would (tests of resume).
+    """
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(cfg.device)
+    out = Path(out_dir) / "resume"
+    torch.manual_seed(cfg.seed)
+    Xtr, ytr = data["train"]
+    N = len(ytr)
+    net = build_net(cfg.arch, list(Xtr.shape[1:]), num_classes, cfg.head_width, cfg.head_layers,
+                    list(cfg.mlp_widths), cfg.bias, cfg.init_gain).to(dev)
+    opt = _optimizer(net, cfg)
+    steps = math.ceil(N / cfg.batch_size)
+    sched = _scheduler(opt, cfg, steps)
+    history: list[dict] = []
+    start = 1
+    last = out / "last.pt"
+    if last.exists():
+        ck = load_checkpoint(last, str(dev))
+        if ck["config"] != cfg.resume_key():
+            raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        history, start = ck["history"], ck["epoch"] + 1
+        log.info("%s: resumed after epoch %d from %s", run, ck["epoch"], last)
+
+    def checkpoint(epoch: int, path: Path) -> None:
+        _save(path, {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch, "config": cfg.resume_key(),
+                     "history": history, "num_classes": num_classes, "input_shape": list(Xtr.shape[1:])})
+
+    if start == 1 and 0 in cfg.feature_epochs:
+        checkpoint(0, out / "epoch0.pt")
+    bar = tqdm(range(start, cfg.epochs + 1), desc=run, disable=not progress, initial=start - 1,
+               total=cfg.epochs)
+    for epoch in bar:
+        # One epoch: a fixed permutation per (seed, epoch), so resumed runs see the same batches.
+        net.train()
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        for i in range(0, N, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            xb, yb = Xtr[idx].to(dev), ytr[idx].to(dev)
+            logits, h = net(xb)
+            loss = (sample_loss(logits, yb, cfg.loss) + 0.5 * N * cfg.lambda_H1 * (h**2).sum(1)).mean()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"run {run!r}: non-finite loss {float(loss)} at epoch "
+                                         f"{epoch}, batch {i // cfg.batch_size}; lower lr ({cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        # Evaluation, history, checkpoints.
+        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+        for split, (X, y) in data.items():
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, X, y, cfg)
+        history.append(row)
+        bar.set_postfix(train_loss=f"{row['train_loss']:.4g}", train_acc=f"{row['train_acc']:.3f}")
+        if epoch in cfg.feature_epochs:
+            checkpoint(epoch, out / f"epoch{epoch}.pt")
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            checkpoint(epoch, last)
+        if stop_after is not None and epoch >= stop_after:
+            break
+    bar.close()
+    return history
+
+
+def restore_net(path: str | Path, device: str = "cpu") -> tuple[Net, dict]:
+    """The network stored in a checkpoint and the checkpoint dict."""
+    ck = load_checkpoint(path, device)
+    c = ck["config"]
+    net = build_net(c["arch"], ck["input_shape"], ck["num_classes"], c["head_width"], c["head_layers"],
+                    list(c["mlp_widths"]), c["bias"], c["init_gain"])
+    net.load_state_dict(ck["model"])
+    return net.to(device).eval(), ck
