@@ -143,6 +143,7 @@ def compare_run(
     metrics: pd.DataFrame,
     weights: Mapping[int, np.ndarray],
     tol: Tolerances = Tolerances(),
+    converged: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Theory vs measurement for one DUFM run.
 
@@ -151,6 +152,7 @@ def compare_run(
         history: the run's training history (step, loss, fit, reg_H1, reg_W1.., grad_norm).
         metrics: the run's tidy metrics (layer, representation, metric, value).
         weights: layer -> W_l.
+        converged: override the convergence test on the history (trained networks).
 
     Returns:
         (comparison, verdict): comparison has one row per checked quantity; verdict one row.
@@ -159,7 +161,7 @@ def compare_run(
     opt = dnc_optimum(K, L, n, settings["lambda_H1"], settings["lambda_W"])
     final = history.iloc[-1].to_dict()
     loss = float(final["loss"])
-    converged = is_converged(history, tol)
+    converged = is_converged(history, tol) if converged is None else converged
     rows = [_row("loss vs L_DNC", 0, "", loss, opt.loss, tol.loss_rtol, "closed form")]
     local = opt.local_loss if opt.zero_optimal and opt.local_loss is not None else None
     if local is not None:

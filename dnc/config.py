@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "expand_dufm_runs", "format_value"]
+__all__ = ["ConfigError", "expand_dufm_runs", "expand_network_runs", "format_value"]
 
 RUN_KEYS = ("K", "L", "n", "width", "lambda_H1", "lambda_W", "lr", "steps", "optimizer", "tol",
             "dtype", "init_std", "log_every")
@@ -98,4 +98,47 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                     "experiment": exp,
                     "grid": {k: point[k] for k in axes},
                 }
+    return runs
+
+
+NET_KEYS = ("dataset", "arch", "mlp_widths", "bias", "init_gain", "head_layers", "head_width", "loss",
+            "optimizer", "lr", "momentum", "schedule", "epochs", "batch_size", "lambda_H1", "lambda_W",
+            "weight_decay", "checkpoint_every", "feature_epochs")
+
+
+def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map run id -> resolved network run settings (NET_KEYS, seed, experiment, grid values).
+
+    Same grammar as the DUFM experiments (networks.defaults, networks.experiments.<name> with grid
+    and seeds). The dataset must be a key of the top-level ``datasets`` mapping.
+    """
+    nets = config.get("networks") or {}
+    datasets = config.get("datasets") or {}
+    defaults = dict(nets.get("defaults") or {})
+    runs: dict[str, dict[str, Any]] = {}
+    for exp, spec in (nets.get("experiments") or {}).items():
+        spec = dict(spec or {})
+        grid = dict(spec.pop("grid", None) or {})
+        seeds = spec.pop("seeds", defaults.get("seeds", [0]))
+        base = {**{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
+        axes = list(grid)
+        for combo in itertools.product(*(grid[k] for k in axes)):
+            point = dict(zip(axes, combo))
+            settings = {**base, **point}
+            where = f"networks.experiments.{exp}"
+            missing = [k for k in NET_KEYS if k not in settings]
+            if missing:
+                raise ConfigError(f"{where}: missing {missing} (set them in networks.defaults)")
+            if settings["dataset"] not in datasets:
+                raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
+                                  f"datasets ({sorted(datasets)})")
+            bad = [e for e in settings["feature_epochs"] if not 0 <= e <= settings["epochs"]]
+            if bad:
+                raise ConfigError(f"{where}.feature_epochs: {bad} outside 0..{settings['epochs']}")
+            for seed in seeds:
+                rid = "-".join([exp, *(f"{k}{format_value(point[k])}" for k in axes), f"s{seed}"])
+                if rid in runs:
+                    raise ConfigError(f"{where}: duplicate run id {rid!r}")
+                runs[rid] = {**{k: settings[k] for k in NET_KEYS}, "seed": int(seed),
+                             "experiment": exp, "grid": point}
     return runs

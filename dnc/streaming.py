@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from dnc.metrics import Convention, metrics_from_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["feature_file_metrics", "TIDY_COLUMNS"]
+__all__ = ["feature_file_metrics", "files_metrics", "feature_and_weight_files", "TIDY_COLUMNS"]
 
 TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "value", "convention"]
 
@@ -30,7 +31,7 @@ TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "va
 def feature_file_metrics(
     path: str | os.PathLike,
     run: str,
-    split: str = "train",
+    split: str | None = None,
     weights: Mapping[int, np.ndarray] | None = None,
     convention: Convention = Convention(),
     batch_rows: int | None = None,
@@ -41,8 +42,8 @@ def feature_file_metrics(
 
     Args:
         path: feature file (dnc.io.write_features layout).
-        run, split: identifiers carried into the table; the step comes from the file's metadata
-            ("dnc:step", -1 if absent).
+        run, split: identifiers carried into the table; split defaults to the file's metadata
+            "dnc:split" (else "train"), the step comes from "dnc:step" (-1 if absent).
         weights: layer -> weight matrix; a column whose layout names weight l gets NC3 with W_l.
         batch_rows: rows per streamed chunk (None: chunks of about 256 MB).
         device: "auto", "cpu" or "cuda[:i]": where the accumulation runs.
@@ -53,10 +54,8 @@ def feature_file_metrics(
     """
     dev = resolve_device(device)
     weights = weights or {}
-    try:
-        step = int(read_metadata(path, "dnc:step"))
-    except KeyError:
-        step = -1
+    step = int(_meta(path, "dnc:step", -1))
+    split = split or str(_meta(path, "dnc:split", "train"))
     num_classes = _num_classes(path)
     frames = []
     for col in read_layout(path):
@@ -85,6 +84,38 @@ def feature_file_metrics(
     table["step"] = step
     table["convention"] = convention.describe()
     return table[TIDY_COLUMNS]
+
+
+def _meta(path, key: str, default):
+    try:
+        return read_metadata(path, key)
+    except KeyError:
+        return default
+
+
+def feature_and_weight_files(inputs) -> tuple[list[str], list[str]]:
+    """Feature and weight files of a stage's inputs: explicit 'features'/'weights' files, or a
+    features folder holding epoch<E>_<split>.parquet and epoch<E>_weights.parquet."""
+    feats = [str(f) for f in inputs.features] if not isinstance(inputs.features, str) else [inputs.features]
+    if len(feats) == 1 and os.path.isdir(feats[0]):
+        folder = Path(feats[0])
+        files = sorted(folder.glob("epoch*.parquet"), key=lambda f: (int(f.stem[5:].split("_")[0]), f.stem))
+        return ([str(f) for f in files if not f.stem.endswith("_weights")],
+                [str(f) for f in files if f.stem.endswith("_weights")])
+    weights = getattr(inputs, "weights", [])
+    return feats, [str(w) for w in ([weights] if isinstance(weights, str) else weights)]
+
+
+def files_metrics(features: list[str], weights: list[str], run: str, **kwargs) -> pd.DataFrame:
+    """feature_file_metrics of several files; each file gets the weights file of the same step."""
+    from dnc.io import read_weights
+
+    by_step = {int(_meta(w, "dnc:step", -1)): w for w in weights}
+    tables = []
+    for f in features:
+        w = by_step.get(int(_meta(f, "dnc:step", -1)))
+        tables.append(feature_file_metrics(f, run, weights=read_weights(w) if w else None, **kwargs))
+    return pd.concat(tables, ignore_index=True)
 
 
 def _num_classes(path: str | os.PathLike) -> int:

@@ -156,12 +156,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
 
 def train_network(
     cfg: NetConfig, data: dict, out_dir: str | Path, num_classes: int, run: str = "net",
-    progress: bool = True, stop_after: int | None = None,
+    progress: bool = True, stop_after: int | None = None, on_conflict: str = "error",
 ) -> list[dict]:
     """Train (or resume) and return the history rows (one per epoch).
 
     data: {"train": (X, y), "test": (X, y)} tensors (X (N, *shape) float32, y (N,) int64).
     stop_after: end after this epoch as a killed job would (tests of resume).
+    on_conflict: what to do with a checkpoint of another config: "error" (refuse) or "restart"
+        (discard the old checkpoints: the pipeline reruns a job because its settings changed).
     """
     from tqdm.auto import tqdm
 
@@ -178,10 +180,14 @@ def train_network(
     history: list[dict] = []
     start = 1
     last = out / "last.pt"
+    if last.exists() and load_checkpoint(last, "cpu")["config"] != cfg.resume_key():
+        if on_conflict != "restart":
+            raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
+        log.warning("%s: discarding checkpoints of another config in %s", run, out)
+        for f in out.glob("*.pt"):
+            f.unlink()
     if last.exists():
         ck = load_checkpoint(last, str(dev))
-        if ck["config"] != cfg.resume_key():
-            raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -1,27 +1,26 @@
-"""Per-layer collapse metrics of one feature file, streamed from Parquet.
+"""Per-layer collapse metrics of a run's feature files, streamed from Parquet.
 
-Output: a tidy table (run, layer, representation, split, step, metric, value, convention).
+Output: a tidy table (run, layer, representation, split, step, metric, value, convention); each
+feature file is paired with the weights file of the same step (its NC3).
 """
 
-from dnc.io import read_weights, write_parquet
+from dnc.io import write_parquet
 from dnc.logs import configure_logging
 from dnc.metrics import Convention
-from dnc.streaming import feature_file_metrics
+from dnc.streaming import feature_and_weight_files, files_metrics
 
 log = configure_logging(snakemake.log[0])  # noqa: F821
 params = snakemake.params  # noqa: F821
 convention = Convention(**params.convention)
-weights = read_weights(snakemake.input.weights) if "weights" in snakemake.input.keys() else {}  # noqa: F821
-
-table = feature_file_metrics(
-    snakemake.input.features,  # noqa: F821
+features, weights = feature_and_weight_files(snakemake.input)  # noqa: F821
+table = files_metrics(
+    features,
+    weights,
     run=snakemake.wildcards.run,  # noqa: F821
-    split=params.split,
-    weights=weights,
     convention=convention,
     batch_rows=params.batch_rows,
     device=params.device,
 )
-log.info("%d metric values for %d representations", len(table),
-         table.groupby(["layer", "representation"]).ngroups)
+log.info("%d metric values for %d (step, split, representation) groups", len(table),
+         table.groupby(["step", "split", "layer", "representation"]).ngroups)
 write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})  # noqa: F821

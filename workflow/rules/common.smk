@@ -1,28 +1,47 @@
 # Not rules: run ids from the config grids, wildcard constraints, input functions.
 import dnc
-from dnc.config import ConfigError, expand_dufm_runs
+from dnc.config import ConfigError, expand_dufm_runs, expand_network_runs
 
 try:
     RUNS = expand_dufm_runs(config)
+    NET_RUNS = expand_network_runs(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
+if set(RUNS) & set(NET_RUNS):
+    raise WorkflowError(f"invalid config: run ids used twice: {sorted(set(RUNS) & set(NET_RUNS))}")
 
 # Code in the dnc package is invisible to Snakemake's code trigger; its version is passed as a
 # param so that a release bump reruns the stages.
 DNC_VERSION = dnc.__version__
 
 
+def alternatives(ids):
+    return "|".join(map(re.escape, ids)) or "(?!x)x"
+
+
+DUFM_RUN = alternatives(RUNS)
+NET_RUN = alternatives(NET_RUNS)
+
+
 wildcard_constraints:
-    run="|".join(map(re.escape, RUNS)) or "NO_RUNS",
+    dataset=alternatives(config.get("datasets", {})),
 
 
 def run_settings(wildcards):
     return RUNS[wildcards.run]
 
 
+def net_settings(wildcards):
+    return NET_RUNS[wildcards.run]
+
+
+def net_dataset(wildcards):
+    return f"results/datasets/{NET_RUNS[wildcards.run]['dataset']}.parquet"
+
+
+def per_run(pattern, runs=None):
+    return expand(pattern, run=list(RUNS if runs is None else runs))
+
+
 def get_final_outputs():
     return ["results/report/index.html", "results/report/summary.parquet"]
-
-
-def per_run(pattern):
-    return expand(pattern, run=list(RUNS))

@@ -1,4 +1,6 @@
 rule train_dufm:
+    wildcard_constraints:
+        run=DUFM_RUN,
     output:
         history="results/dufm/{run}/history.parquet",
         features="results/dufm/{run}/features.parquet",

@@ -1,4 +1,6 @@
 rule compute_metrics:
+    wildcard_constraints:
+        run=DUFM_RUN,
     input:
         features="results/dufm/{run}/features.parquet",
         weights="results/dufm/{run}/weights.parquet",
@@ -9,7 +11,6 @@ rule compute_metrics:
     params:
         convention=config["metrics"]["convention"],
         batch_rows=config["metrics"]["batch_rows"],
-        split="train",
         device=config["device"],
         version=DNC_VERSION,
     threads: 1

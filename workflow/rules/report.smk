@@ -4,6 +4,10 @@ rule build_report:
         metrics=per_run("results/metrics/{run}/metrics.parquet"),
         comparisons=per_run("results/theory/{run}/comparison.parquet"),
         verdicts=per_run("results/theory/{run}/verdict.parquet"),
+        net_histories=per_run("results/nets/{run}/history.parquet", NET_RUNS),
+        net_metrics=per_run("results/metrics/{run}/metrics.parquet", NET_RUNS),
+        net_comparisons=per_run("results/theory/{run}/comparison.parquet", NET_RUNS),
+        net_verdicts=per_run("results/theory/{run}/verdict.parquet", NET_RUNS),
     output:
         summary="results/report/summary.parquet",
         html="results/report/index.html",
@@ -11,6 +15,7 @@ rule build_report:
         "logs/build_report/report.log",
     params:
         runs=RUNS,
+        net_runs=NET_RUNS,
         version=DNC_VERSION,
     threads: 1
     script:

@@ -1,4 +1,6 @@
 rule compare_theory:
+    wildcard_constraints:
+        run=DUFM_RUN,
     input:
         history="results/dufm/{run}/history.parquet",
         weights="results/dufm/{run}/weights.parquet",
