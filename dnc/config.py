@@ -76,6 +76,8 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                               f"'lambda_H1'/'lambda_W', not both")
         if "lambda" in explicit:
             base.pop("lambda_H1", None), base.pop("lambda_W", None)
+        elif explicit & {"lambda_H1", "lambda_W"}:
+            base.pop("lambda", None)  # an explicit per-experiment value beats the defaults' shorthand
         base.update(spec)
         for key, values in grid.items():
             if not isinstance(values, list) or not values:

@@ -309,10 +309,12 @@ def net_summary(config: pd.DataFrame, histories: pd.DataFrame, metrics: pd.DataF
     rows = []
     for rid in config["run"]:
         h = histories[histories["run"] == rid].sort_values("epoch").iloc[-1]
-        m = metrics[(metrics["run"] == rid) & (metrics["metric"] == "nc1_pinv") & (metrics["split"] == "train")]
+        m = metrics[(metrics["run"] == rid) & (metrics["metric"] == "nc1_pinv")
+                    & (metrics["split"] == "train")]
         layer, rep = _last_head_layer(m)
         last = m[(m["layer"] == layer) & (m["representation"] == rep)].sort_values("step")
-        depth = m[(m["step"] == m["step"].max()) & m["representation"].isin(["input", "post"])].sort_values("layer")
+        at_end = m[m["step"] == m["step"].max()]
+        depth = at_end[at_end["representation"].isin(["input", "post"])].sort_values("layer")
         v = verdicts[verdicts["run"] == rid].iloc[0]
         rows.append({
             "run": rid, "epochs": int(h["epoch"]), "train_acc": h["train_acc"], "test_acc": h["test_acc"],

@@ -213,7 +213,7 @@ def train_network(
             logits, h = net(xb)
             loss = (sample_loss(logits, yb, cfg.loss) + 0.5 * N * cfg.lambda_H1 * (h**2).sum(1)).mean()
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"run {run!r}: non-finite loss {float(loss)} at epoch "
+                raise NonFiniteLossError(f"run {run!r}: non-finite loss {float(loss.detach())} at epoch "
                                          f"{epoch}, batch {i // cfg.batch_size}; lower lr ({cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()

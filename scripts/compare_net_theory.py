@@ -25,13 +25,15 @@ last = int(objective["step"].max())
 metrics = metrics[(metrics["step"] == last) & (metrics["split"] == "train")]
 settings = {"K": K, "L": s["head_layers"] + 1, "n": N / K, "lambda_H1": s["lambda_H1"],
             "lambda_W": s["lambda_W"]}
+weights = read_weights(Path(inputs.features) / f"epoch{last}_weights.parquet")
+tolerances = Tolerances(**snakemake.params.tolerances)  # noqa: F821
 comparison, verdict = compare_run(run_id, settings, objective.assign(grad_norm=float("nan")), metrics,
-                                  read_weights(Path(inputs.features) / f"epoch{last}_weights.parquet"), Tolerances(**snakemake.params.tolerances),  # noqa: F821
-                                  converged=True)
+                                  weights, tolerances, converged=True)
 verdict["recovered_dufm_optimum"] = verdict["verdict"].isin(["global_optimum", "dnc"])
 verdict["epoch"] = last
 if N % K:
     log.warning("%s: %d samples for %d classes is not balanced; n = N / K = %.2f", run_id, N, K, N / K)
-log.info("%s: %s (relative gap to L_DNC %.3g)", run_id, verdict["verdict_text"].iloc[0], verdict["rel_gap"].iloc[0])
+log.info("%s: %s (relative gap to L_DNC %.3g)", run_id, verdict["verdict_text"].iloc[0],
+         verdict["rel_gap"].iloc[0])
 write_parquet(comparison, snakemake.output.comparison)  # noqa: F821
 write_parquet(verdict, snakemake.output.verdict)  # noqa: F821

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from dnc.data import read_split
+from dnc.dufm import resolve_device
 from dnc.extract import dufm_objective, network_features
 from dnc.io import write_features, write_parquet, write_weights
 from dnc.logs import configure_logging
@@ -21,7 +22,7 @@ run_id = snakemake.wildcards.run  # noqa: F821
 p = snakemake.params  # noqa: F821
 out = snakemake.output  # noqa: F821
 torch.set_num_threads(snakemake.threads)  # noqa: F821
-device = "cuda" if p.device == "auto" and torch.cuda.is_available() else ("cpu" if p.device == "auto" else p.device)
+device = str(resolve_device(p.device))
 data = {s: read_split(snakemake.input.dataset, s)[:2] for s in ("train", "test")}  # noqa: F821
 
 folder = Path(out.features)
@@ -29,12 +30,13 @@ folder.mkdir(parents=True, exist_ok=True)
 rows = []
 for epoch in p.epochs:
     net, _ = restore_net(Path(p.checkpoints) / f"epoch{epoch}.pt", device)
-    write_weights(folder / f"epoch{epoch}_weights.parquet", [w.detach().cpu().numpy() for w in net.head.weights],
-                  {"dnc:run": run_id, "dnc:step": epoch})
+    weights = [w.detach().cpu().numpy() for w in net.head.weights]
+    write_weights(folder / f"epoch{epoch}_weights.parquet", weights, {"dnc:run": run_id, "dnc:step": epoch})
     for split, (X, y) in data.items():
         cols, pred = network_features(net, X)
-        write_features(folder / f"epoch{epoch}_{split}.parquet", y.numpy(), cols, pred, {"dnc:run": run_id, "dnc:step": epoch, "dnc:split": split})
-    rows.append({"run": run_id, "epoch": epoch,
-                 **dufm_objective(net, *data["train"], p.settings["lambda_H1"], p.settings["lambda_W"])})
+        meta = {"dnc:run": run_id, "dnc:step": epoch, "dnc:split": split}
+        write_features(folder / f"epoch{epoch}_{split}.parquet", y.numpy(), cols, pred, meta)
+    objective = dufm_objective(net, *data["train"], p.settings["lambda_H1"], p.settings["lambda_W"])
+    rows.append({"run": run_id, "epoch": epoch, **objective})
     log.info("epoch %d: DUFM objective %s", epoch, rows[-1])
 write_parquet(pd.DataFrame(rows), out.objective)

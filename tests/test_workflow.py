@@ -31,6 +31,15 @@ TINY = {
             "other": {"L": 3, "lambda": 0.005},
         },
     },
+    "datasets": {"blobs": {"name": "gaussian", "gaussian": {"K": 3, "dim": 5, "separation": 4.0, "n": 30}}},
+    "networks": {
+        "defaults": {"dataset": "blobs", "arch": "mlp", "mlp_widths": [16], "bias": True, "init_gain": 1.0,
+                     "head_layers": 2, "head_width": 16, "loss": "mse", "optimizer": "sgd", "lr": 0.02,
+                     "momentum": 0.9, "schedule": "cosine", "epochs": 4, "batch_size": 16,
+                     "lambda_H1": 1e-4, "lambda_W": 1e-3, "weight_decay": 5e-4, "checkpoint_every": 1,
+                     "feature_epochs": [1, 4], "seeds": [0]},
+        "experiments": {"net": {}},
+    },
     "metrics": {},
     "theory": {},
 }
@@ -84,11 +93,15 @@ def test_full_run_writes_report_and_tables(finished):
     html = (report / "index.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "Verdicts" in html
     summary = pd.read_parquet(report / "summary.parquet")
-    assert set(summary["run"]) == {"scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0"}
+    assert set(summary["run"]) == {"scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0", "net-s0"}
     for col in ("layer", "representation", "split", "step", "metric", "value", "convention",
                 "K", "L", "lambda_H1", "lambda_W", "seed", "verdict", "L_DNC"):
         assert col in summary.columns, col
     assert set(summary["verdict"]) <= set(VERDICTS)
+    assert set(summary["kind"]) == {"dufm", "network"}
+    net = summary[summary["run"] == "net-s0"]
+    assert set(net["split"]) == {"train", "test"} and set(net["step"]) == {1, 4}
+    assert "Trained networks with a DUFM head" in html
     hist = pd.read_parquet(finished / "results/dufm/other-s0/history.parquet")
     assert {"loss", "fit", "reg_H1", "reg_W1", "reg_W2", "reg_W3", "grad_norm"} <= set(hist.columns)
     assert not list(finished.rglob("*.tmp"))
@@ -151,7 +164,29 @@ def test_non_finite_loss_fails_the_job_and_leaves_nothing(tmp_path):
     wd = workdir_copy(tmp_path)
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"] = {"boom": {"lr": 1.0e6, "log_every": 1}}
+    cfg.pop("networks")
     out = snakemake(wd, cfg)
     assert out.returncode != 0
     assert re.search(r"run 'boom-s0': non-finite loss \S+ at step \d+", out.stdout + out.stderr)
     assert not list((wd / "results").rglob("*.parquet"))
+
+
+def test_network_setting_change_reruns_only_the_network_chain(finished):
+    cfg = copy.deepcopy(TINY)
+    cfg["networks"]["experiments"]["net"] = {"lr": 0.03}
+    assert planned_jobs(finished, cfg) == {("train_network", "net-s0"), ("extract_features", "net-s0"),
+                                           ("compute_net_metrics", "net-s0"),
+                                           ("compare_net_theory", "net-s0")} | REPORT
+
+
+def test_paper_config_plans_the_right_jobs(tmp_path):
+    wd = workdir_copy(tmp_path)
+    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    out = snakemake(wd, paper, "-n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
+    n_dufm = 10 * (3 + 4)
+    assert counts["prepare_dataset"] == "2" and counts["train_network"] == "3"
+    assert counts["train_dufm"] == str(n_dufm) and counts["compare_net_theory"] == "3"
+    assert "--gpus" not in out.stdout  # local dry run; the GPU request is a resource:
+    assert "gpu=1" in out.stdout

@@ -1,0 +1,97 @@
+"""Models, training (determinism, resume after a kill, failures) and the DUFM objective of a net."""
+
+import pytest
+import torch
+
+from dnc.dufm import DUFMConfig, DUFMState, objective
+from dnc.extract import dufm_objective, network_features
+from dnc.models import build_net
+from dnc.train import NetConfig, NonFiniteLossError, restore_net, train_network
+
+
+def gaussian_data(K=4, d=6, n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = 1.5 * torch.randn(K, d, generator=g)
+    out = {}
+    for split in ("train", "test"):
+        y = torch.arange(K).repeat_interleave(n)
+        out[split] = ((mu[y] + torch.randn(K * n, d, generator=g))[:, None], y)
+    return out
+
+
+def cfg(**kw):
+    base = dict(arch="mlp", mlp_widths=(16,), head_layers=2, head_width=8, lr=0.05, epochs=4,
+                batch_size=16, lambda_H1=1e-4, lambda_W=1e-3, feature_epochs=(0, 2, 4), device="cpu")
+    base.update(kw)
+    return NetConfig(**base)
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 12)), ("resnet20", (3, 8, 8)), ("resnet18", (1, 8, 8))])
+def test_representations_follow_the_dufm_layout(arch, shape):
+    net = build_net(arch, list(shape), num_classes=5, width=8, head_layers=3, mlp_widths=[10]).eval()
+    reps = net.representations(torch.randn(7, *shape))
+    assert list(reps) == ["l1_input", "l2_pre", "l2_post", "l3_pre", "l3_post", "l4_pre", "l4_post",
+                          "l5_output"]
+    assert reps["l1_input"].shape == (7, 8) and reps["l5_output"].shape == (7, 5)
+    assert all(lin.bias is None for lin in [*net.head.layers, net.head.classifier])
+    torch.testing.assert_close(reps["l3_post"], torch.relu(reps["l3_pre"]))
+    torch.testing.assert_close(reps["l3_pre"], reps["l2_post"] @ net.head.weights[1].T)
+
+
+def test_training_is_deterministic_and_resumes_after_a_kill(tmp_path):
+    data = gaussian_data()
+    full = train_network(cfg(), data, tmp_path / "a", 4, progress=False)
+    killed = train_network(cfg(), data, tmp_path / "b", 4, progress=False, stop_after=2)
+    assert len(killed) == 2
+    resumed = train_network(cfg(), data, tmp_path / "b", 4, progress=False)
+    assert resumed == full  # same numbers, as if never interrupted
+    a, _ = restore_net(tmp_path / "a" / "resume" / "epoch4.pt")
+    b, _ = restore_net(tmp_path / "b" / "resume" / "epoch4.pt")
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert (tmp_path / "b" / "resume" / "epoch0.pt").exists()
+
+
+def test_resume_refuses_another_config(tmp_path):
+    data = gaussian_data()
+    train_network(cfg(), data, tmp_path, 4, progress=False, stop_after=1)
+    with pytest.raises(ValueError, match="checkpoint of another config"):
+        train_network(cfg(lr=0.01), data, tmp_path, 4, progress=False)
+    rows = train_network(cfg(lr=0.01), data, tmp_path, 4, progress=False, on_conflict="restart")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_is_named(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"run 'boom': non-finite loss .* epoch 1"):
+        train_network(cfg(lr=1e12, loss="mse"), gaussian_data(), tmp_path, 4, run="boom", progress=False)
+
+
+def test_training_learns_and_collapses(tmp_path):
+    from dnc.metrics import layer_metrics
+
+    data = gaussian_data(n=40)
+    c = cfg(epochs=30, lr=0.03, head_width=32, mlp_widths=(32,), feature_epochs=(1, 30))
+    rows = train_network(c, data, tmp_path, 4, progress=False)
+    assert rows[-1]["train_acc"] > 0.85 and rows[-1]["train_loss"] < 0.25 * rows[0]["train_loss"]
+    nc1 = []
+    for epoch in (1, 30):
+        net, _ = restore_net(tmp_path / "resume" / f"epoch{epoch}.pt")
+        with torch.no_grad():
+            nc1.append(layer_metrics(net.representations(data["train"][0])["l3_post"], data["train"][1])["nc1_pinv"])
+    assert nc1[1] < 0.5 * nc1[0]
+
+
+def test_dufm_objective_of_a_net_equals_the_dufm_objective(tmp_path):
+    data = gaussian_data()
+    net = build_net("mlp", [1, 6], 4, 8, 2, [16]).double().eval()
+    X, y = data["train"]
+    got = dufm_objective(net, X.double(), y, 1e-3, [1e-3, 2e-3, 3e-3])
+    with torch.no_grad():
+        H1 = net.features(X.double()).T  # (d, N), columns class by class as y is sorted
+    state = DUFMState(H1=H1, W=[w.detach() for w in net.head.weights])
+    c = DUFMConfig(K=4, L=3, n=20, width=8, lambda_H1=1e-3, lambda_W=[1e-3, 2e-3, 3e-3], lr=1, steps=1)
+    ref = objective(state, c)
+    assert got["loss"] == pytest.approx(ref.loss, rel=1e-12)
+    assert got["fit"] == pytest.approx(ref.fit, rel=1e-12) and got["reg_W3"] == pytest.approx(ref.reg_W[2])
+    cols, pred = network_features(net.float(), X)
+    assert [c.weight for c, _ in cols] == [1, None, 2, None, 3, None] and pred.shape == (80,)
