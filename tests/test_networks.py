@@ -77,7 +77,8 @@ def test_training_learns_and_collapses(tmp_path):
     for epoch in (1, 30):
         net, _ = restore_net(tmp_path / "resume" / f"epoch{epoch}.pt")
         with torch.no_grad():
-            nc1.append(layer_metrics(net.representations(data["train"][0])["l3_post"], data["train"][1])["nc1_pinv"])
+            last_head = net.representations(data["train"][0])["l3_post"]
+        nc1.append(layer_metrics(last_head, data["train"][1])["nc1_pinv"])
     assert nc1[1] < 0.5 * nc1[0]
 
 
