@@ -37,8 +37,13 @@ def feature_file_metrics(
     batch_rows: int | None = None,
     device: str = "auto",
     columns: list[str] | None = None,
+    cache_mb: float = 1024.0,
 ) -> pd.DataFrame:
     """Metrics of every representation column of a feature file as a tidy long table.
+
+    Two passes per column (class means, then residuals). A column whose features take at most
+    cache_mb megabytes is read once and its chunks kept for the second pass; a larger one is read
+    twice, so memory stays bounded by max(cache_mb, one chunk) whatever N is (0 disables caching).
 
     Args:
         path: feature file (dnc.io.write_features layout).
@@ -63,7 +68,7 @@ def feature_file_metrics(
             continue
         W = weights.get(col.weight) if col.weight is not None else None
 
-        def chunks(col=col):
+        def stream(col=col):
             for H, y, pred in iter_feature_chunks(path, col.column, batch_rows):
                 with warnings.catch_warnings():
                     # Arrow buffers are read-only; the metrics never write to them.
@@ -71,6 +76,9 @@ def feature_file_metrics(
                     H = torch.from_numpy(H).to(dev, non_blocking=True)
                 yield H, torch.from_numpy(y).to(dev), (
                     None if pred is None else torch.from_numpy(pred).to(dev))
+
+        nbytes = pq.ParquetFile(path).metadata.num_rows * col.dim * _itemsize(path, col.column)
+        chunks = _Replay(stream) if nbytes <= cache_mb * 2**20 else stream
 
         name = f"{os.fspath(path)}:{col.column}"
         values = metrics_from_chunks(chunks, num_classes, col.dim,
@@ -84,6 +92,29 @@ def feature_file_metrics(
     table["step"] = step
     table["convention"] = convention.describe()
     return table[TIDY_COLUMNS]
+
+
+class _Replay:
+    """A chunk source whose first pass reads and keeps the chunks; later passes replay them."""
+
+    def __init__(self, source) -> None:
+        self.source, self.kept = source, None
+
+    def __call__(self):
+        if self.kept is not None:
+            return iter(self.kept)
+        self.kept = []
+
+        def first():
+            for chunk in self.source():
+                self.kept.append(chunk)
+                yield chunk
+
+        return first()
+
+
+def _itemsize(path, column: str) -> int:
+    return pq.read_schema(path).field(column).type.value_type.bit_width // 8
 
 
 def _meta(path, key: str, default):

@@ -263,3 +263,13 @@ def test_input_untouched_and_block_size_irrelevant(rng, monkeypatch):
     blocked = layer_metrics(T, y, weight=W, predictions=y)
     for key, value in whole.items():
         assert blocked[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 1024.0])
+def test_streaming_with_and_without_cache(tmp_path, rng, cache_mb):
+    H, y = blobs(rng, K=3, d=9, n=50)
+    write_features(tmp_path / "f.parquet", y, [(FeatureColumn("x", 2, "post", 9), H)], row_group_rows=20)
+    table = feature_file_metrics(tmp_path / "f.parquet", "r", device="cpu", cache_mb=cache_mb)
+    got = dict(zip(table["metric"], table["value"]))
+    for key, value in layer_metrics(H, y).items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
