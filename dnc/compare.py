@@ -144,6 +144,7 @@ def compare_run(
     weights: Mapping[int, np.ndarray],
     tol: Tolerances = Tolerances(),
     converged: bool | None = None,
+    always_structure: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Theory vs measurement for one DUFM run.
 
@@ -153,6 +154,8 @@ def compare_run(
         metrics: the run's tidy metrics (layer, representation, metric, value).
         weights: layer -> W_l.
         converged: override the convergence test on the history (trained networks).
+        always_structure: compare the per-layer structure with the DNC optimum even when the
+            loss does not agree (trained networks: how far each layer is from the prediction).
 
     Returns:
         (comparison, verdict): comparison has one row per checked quantity; verdict one row.
@@ -188,6 +191,8 @@ def compare_run(
         ref = opt
     elif code == "dnc_local_minimum":
         ref = local_minimum_structure(opt)
+    elif always_structure and not opt.zero_optimal:
+        ref = opt
     if ref is not None:
         rows += _structure_rows(ref, L, final, metrics, weights, tol)
     comparison = pd.DataFrame(rows)

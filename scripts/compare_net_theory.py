@@ -28,7 +28,7 @@ settings = {"K": K, "L": s["head_layers"] + 1, "n": N / K, "lambda_H1": s["lambd
 weights = read_weights(Path(inputs.features) / f"epoch{last}_weights.parquet")
 tolerances = Tolerances(**snakemake.params.tolerances)  # noqa: F821
 comparison, verdict = compare_run(run_id, settings, objective.assign(grad_norm=float("nan")), metrics,
-                                  weights, tolerances, converged=True)
+                                  weights, tolerances, converged=True, always_structure=True)
 verdict["recovered_dufm_optimum"] = verdict["verdict"].isin(["global_optimum", "dnc"])
 verdict["epoch"] = last
 if N % K:

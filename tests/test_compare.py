@@ -66,3 +66,17 @@ def test_plateau_counts_as_converged():
     assert is_converged(h, Tolerances())
     h.loc[3, "loss"] = 0.49
     assert not is_converged(h, Tolerances())
+
+
+def test_always_structure_compares_layers_even_off_optimum(tmp_path):
+    opt = dnc_optimum(2, 3, 10, 5e-3, 5e-3)
+    norms = list(opt.mean_norms)
+    norms[-1] *= 0.9
+    args = measure(tmp_path, 2, 3, 10, 6, 5e-3, norms)
+    comp, verdict = compare_run("r", *args)
+    assert not (comp["quantity"] == "nc1_pinv").any()
+    comp, verdict = compare_run("r", *args, always_structure=True)
+    assert verdict.iloc[0]["verdict"] == "above_dnc"
+    norm = comp[(comp["quantity"] == "class-mean norm") & (comp["representation"] == "output")].iloc[0]
+    assert norm["measured"] == pytest.approx(0.9 * opt.scale) and norm["pass"] is False
+    assert comp.loc[comp["quantity"] == "nc1_pinv", "pass"].all()
