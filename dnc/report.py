@@ -190,10 +190,12 @@ def render_html(
                 "</body></html>")
     v = verdicts.merge(config[["run", "experiment", "K", "L", "n", "width", "lambda_H1",
                                "lambda_W_per_layer", "seed"]], on="run")
-    vt = v[["run", "K", "L", "n", "width", "lambda_H1", "lambda_W_per_layer", "regime",
-            "L_DNC", "final_loss", "rel_gap", "L_tri", "min_hidden_rank", "steps",
-            "final_grad_norm", "structure_failed", "verdict_text"]]
-    counts = verdicts["verdict_text"].value_counts()
+    vt = v[["run", "verdict_text", "K", "L", "n", "width", "lambda_H1", "lambda_W_per_layer",
+            "regime", "L_DNC", "final_loss", "rel_gap", "L_tri", "min_hidden_rank", "steps",
+            "final_grad_norm", "structure_failed"]]
+    from dnc.compare import VERDICTS
+
+    counts = verdicts["verdict"].map(VERDICTS).value_counts()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<p class='note'>Each run is a grid point of config/config.yaml trained by full-batch "
