@@ -57,6 +57,31 @@ def _resolve(exp: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _grid_runs(section: str, experiments: Mapping[str, Any], defaults: Mapping[str, Any], base_of):
+    """Yield (experiment, run id, seed, settings) for every grid point and seed of a section.
+
+    base_of(exp, spec, grid) returns the experiment's settings before the grid point is applied.
+    """
+    seen: set[str] = set()
+    for exp, spec in (experiments or {}).items():
+        spec = dict(spec or {})
+        grid = dict(spec.pop("grid", None) or {})
+        seeds = spec.pop("seeds", defaults.get("seeds", [0]))
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{section}.experiments.{exp}.grid.{key}: must be a non-empty list")
+        base = base_of(exp, spec, grid)
+        axes = list(grid)
+        for combo in itertools.product(*(grid[k] for k in axes)):
+            point = dict(zip(axes, combo))
+            for seed in seeds:
+                rid = "-".join([exp, *(f"{k}{format_value(point[k])}" for k in axes), f"s{seed}"])
+                if rid in seen:
+                    raise ConfigError(f"{section}.experiments.{exp}: duplicate run id {rid!r}")
+                seen.add(rid)
+                yield exp, rid, int(seed), point, {**base, **point}
+
+
 def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Map run id -> resolved run settings (RUN_KEYS, seed, experiment, grid values).
 
@@ -64,11 +89,8 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """
     dufm = config.get("dufm") or {}
     defaults = dict(dufm.get("defaults") or {})
-    runs: dict[str, dict[str, Any]] = {}
-    for exp, spec in (dufm.get("experiments") or {}).items():
-        spec = dict(spec or {})
-        grid = dict(spec.pop("grid", None) or {})
-        seeds = spec.pop("seeds", defaults.get("seeds", [0]))
+
+    def base_of(exp: str, spec: dict, grid: dict) -> dict:
         base = {k: v for k, v in defaults.items() if k != "seeds"}
         explicit = set(spec) | set(grid)
         if "lambda" in explicit and explicit & {"lambda_H1", "lambda_W"}:
@@ -78,28 +100,16 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             base.pop("lambda_H1", None), base.pop("lambda_W", None)
         elif explicit & {"lambda_H1", "lambda_W"}:
             base.pop("lambda", None)  # an explicit per-experiment value beats the defaults' shorthand
-        base.update(spec)
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"dufm.experiments.{exp}.grid.{key}: must be a non-empty list")
-        axes = list(grid)
-        for combo in itertools.product(*(grid[k] for k in axes)):
-            point = dict(zip(axes, combo))
-            for seed in seeds:
-                rid = "-".join([exp, *(f"{k}{format_value(point[k])}" for k in axes), f"s{seed}"])
-                settings = _resolve(exp, {**base, **point})
-                missing = [k for k in RUN_KEYS if k not in settings]
-                if missing:
-                    raise ConfigError(f"dufm.experiments.{exp}: missing {missing} "
-                                      f"(set them in dufm.defaults or in the experiment)")
-                if rid in runs:
-                    raise ConfigError(f"dufm.experiments.{exp}: duplicate run id {rid!r}")
-                runs[rid] = {
-                    **{k: settings[k] for k in RUN_KEYS},
-                    "seed": int(seed),
-                    "experiment": exp,
-                    "grid": {k: point[k] for k in axes},
-                }
+        return {**base, **spec}
+
+    runs: dict[str, dict[str, Any]] = {}
+    for exp, rid, seed, point, values in _grid_runs("dufm", dufm.get("experiments"), defaults, base_of):
+        settings = _resolve(exp, values)
+        missing = [k for k in RUN_KEYS if k not in settings]
+        if missing:
+            raise ConfigError(f"dufm.experiments.{exp}: missing {missing} "
+                              f"(set them in dufm.defaults or in the experiment)")
+        runs[rid] = {**{k: settings[k] for k in RUN_KEYS}, "seed": seed, "experiment": exp, "grid": point}
     return runs
 
 
@@ -117,30 +127,22 @@ def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     nets = config.get("networks") or {}
     datasets = config.get("datasets") or {}
     defaults = dict(nets.get("defaults") or {})
+
+    def base_of(exp: str, spec: dict, grid: dict) -> dict:
+        return {**{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
+
     runs: dict[str, dict[str, Any]] = {}
-    for exp, spec in (nets.get("experiments") or {}).items():
-        spec = dict(spec or {})
-        grid = dict(spec.pop("grid", None) or {})
-        seeds = spec.pop("seeds", defaults.get("seeds", [0]))
-        base = {**{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
-        axes = list(grid)
-        for combo in itertools.product(*(grid[k] for k in axes)):
-            point = dict(zip(axes, combo))
-            settings = {**base, **point}
-            where = f"networks.experiments.{exp}"
-            missing = [k for k in NET_KEYS if k not in settings]
-            if missing:
-                raise ConfigError(f"{where}: missing {missing} (set them in networks.defaults)")
-            if settings["dataset"] not in datasets:
-                raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
-                                  f"datasets ({sorted(datasets)})")
-            bad = [e for e in settings["feature_epochs"] if not 0 <= e <= settings["epochs"]]
-            if bad:
-                raise ConfigError(f"{where}.feature_epochs: {bad} outside 0..{settings['epochs']}")
-            for seed in seeds:
-                rid = "-".join([exp, *(f"{k}{format_value(point[k])}" for k in axes), f"s{seed}"])
-                if rid in runs:
-                    raise ConfigError(f"{where}: duplicate run id {rid!r}")
-                runs[rid] = {**{k: settings[k] for k in NET_KEYS}, "seed": int(seed),
-                             "experiment": exp, "grid": point}
+    for exp, rid, seed, point, settings in _grid_runs("networks", nets.get("experiments"), defaults,
+                                                      base_of):
+        where = f"networks.experiments.{exp}"
+        missing = [k for k in NET_KEYS if k not in settings]
+        if missing:
+            raise ConfigError(f"{where}: missing {missing} (set them in networks.defaults)")
+        if settings["dataset"] not in datasets:
+            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
+                              f"datasets ({sorted(datasets)})")
+        bad = [e for e in settings["feature_epochs"] if not 0 <= e <= settings["epochs"]]
+        if bad:
+            raise ConfigError(f"{where}.feature_epochs: {bad} outside 0..{settings['epochs']}")
+        runs[rid] = {**{k: settings[k] for k in NET_KEYS}, "seed": seed, "experiment": exp, "grid": point}
     return runs

@@ -47,3 +47,25 @@ def test_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"missing \['K'\]"):
         expand_dufm_runs({"dufm": {"defaults": {k: v for k, v in DEFAULTS.items() if k != "K"},
                                    "experiments": {"e": {}}}})
+
+
+NET = {"dataset": "d", "arch": "mlp", "mlp_widths": [8], "bias": True, "init_gain": 1.0, "head_layers": 2,
+       "head_width": 8, "loss": "mse", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "schedule": "cosine",
+       "epochs": 5, "batch_size": 8, "lambda_H1": 1e-5, "lambda_W": 1e-3, "weight_decay": 0.0,
+       "checkpoint_every": 1, "feature_epochs": [1, 5], "seeds": [0, 1]}
+
+
+def test_network_runs_and_their_errors():
+    from dnc.config import expand_network_runs
+
+    cfg = {"datasets": {"d": {"name": "digits"}, "e": {"name": "mnist1d"}},
+           "networks": {"defaults": NET, "experiments": {"n": {"grid": {"dataset": ["d", "e"]}}}}}
+    runs = expand_network_runs(cfg)
+    assert list(runs) == ["n-datasetd-s0", "n-datasetd-s1", "n-datasete-s0", "n-datasete-s1"]
+    assert runs["n-datasete-s1"]["dataset"] == "e" and runs["n-datasete-s1"]["seed"] == 1
+    cfg["networks"]["experiments"] = {"n": {"dataset": "nope"}}
+    with pytest.raises(ConfigError, match=r"networks.experiments.n.dataset: 'nope' is not a key"):
+        expand_network_runs(cfg)
+    cfg["networks"]["experiments"] = {"n": {"feature_epochs": [9]}}
+    with pytest.raises(ConfigError, match=r"feature_epochs: \[9\] outside 0..5"):
+        expand_network_runs(cfg)
