@@ -54,9 +54,10 @@ def workdir_copy(tmp: Path) -> Path:
 
 def snakemake(wd: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
     (wd / "test-config.yaml").write_text(yaml.safe_dump(config))
+    # --configfile takes several values: everything else goes before it.
     cmd = [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile",
-           str(wd / "Snakefile"), "--cores", "2", "--workflow-profile", "none",
-           "--configfile", str(wd / "test-config.yaml"), *args]
+           str(wd / "Snakefile"), "--cores", "2", "--workflow-profile", "none", *args,
+           "--configfile", str(wd / "test-config.yaml")]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -190,3 +191,63 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     assert counts["train_dufm"] == str(n_dufm) and counts["compare_net_theory"] == "3"
     assert "--gpus" not in out.stdout  # local dry run; the GPU request is a resource:
     assert "gpu=1" in out.stdout
+
+
+def _killed_then_resumed(tmp_path, cfg) -> tuple[str, pd.DataFrame]:
+    """Start the training job, SIGKILL the whole Snakemake process group mid-training, rerun."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    wd = workdir_copy(tmp_path)
+    (wd / "test-config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/nets/slow-s0/history.parquet"
+
+    def cmd(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile",
+                str(wd / "Snakefile"), "--cores", "1", "--workflow-profile", "none", *extra,
+                "--configfile", str(wd / "test-config.yaml")]
+
+    proc = subprocess.Popen(cmd(target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    last = wd / "results/nets/slow-s0/resume/last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed: make it slower"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=False)["epoch"]
+    assert not (wd / target).exists()
+
+    # What a user does after a crash: unlock, then rerun the incomplete job.
+    subprocess.run(cmd("--unlock"), check=True, capture_output=True, timeout=120)
+    out = subprocess.run(cmd("--rerun-incomplete", target), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = (wd / "logs/train_network/slow-s0.log").read_text()
+    assert f"resumed after epoch {killed_at}" in log
+    return log, pd.read_parquet(wd / target)
+
+
+def test_killed_training_job_resumes_from_its_checkpoint(tmp_path):
+    cfg = copy.deepcopy(TINY)
+    cfg["dufm"]["experiments"] = {}
+    cfg["datasets"] = {"big": {"name": "gaussian", "standardize": True,
+                               "gaussian": {"K": 4, "dim": 64, "separation": 3.0,
+                                                                 "n": 1500}}}
+    cfg["networks"]["experiments"] = {"slow": {"dataset": "big", "epochs": 12, "mlp_widths": [256, 256],
+                                               "lambda_H1": 1e-6, "lr": 0.01,
+                                               "head_width": 64, "feature_epochs": [12]}}
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "clean").mkdir()
+    _, resumed = _killed_then_resumed(tmp_path / "killed", cfg)
+    clean = workdir_copy(tmp_path / "clean")
+    out = snakemake(clean, cfg, "results/nets/slow-s0/history.parquet")
+    assert out.returncode == 0, out.stderr[-2000:]
+    reference = pd.read_parquet(clean / "results/nets/slow-s0/history.parquet")
+    assert list(resumed["epoch"]) == list(range(1, 13))
+    pd.testing.assert_frame_equal(resumed, reference)  # as if never interrupted
