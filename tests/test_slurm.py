@@ -1,0 +1,70 @@
+"""The pipeline on a real SLURM cluster (tests/slurm/start_cluster.sh starts a single-node one).
+
+Skipped where no idle SLURM node or no executor plugin is present; .ci/run starts the cluster
+first. Each SLURM job costs seconds of polling, so the DAG is tiny: one DUFM run and one network
+run whose training job asks for a GPU (a stand-in gres on the test cluster).
+"""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slurm_ready() -> bool:
+    if not shutil.which("sinfo") or importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return out.returncode == 0 and "idle" in out.stdout
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not slurm_ready(), reason="no idle SLURM cluster")]
+
+CONFIG = {
+    "device": "cpu",
+    "dufm": {"defaults": {"K": 2, "L": 2, "n": 4, "width": 6, "lambda_H1": 5e-3, "lambda_W": 5e-3, "lr": 1.0,
+                          "steps": 2000, "optimizer": "gd", "tol": 1e-10, "dtype": "float64",
+                          "init_std": None, "log_every": 100, "seeds": [0]},
+             "experiments": {"one": {}}},
+    "net_resources": {"gpu": 1, "mem_mb": 1000, "runtime": 10, "threads": 1},
+    "datasets": {"blobs": {"name": "gaussian", "standardize": True,
+                           "gaussian": {"K": 3, "dim": 5, "separation": 4.0, "n": 30}}},
+    "networks": {"defaults": {"dataset": "blobs", "arch": "mlp", "mlp_widths": [16], "bias": True,
+                              "init_gain": 1.0, "head_layers": 2, "head_width": 16, "loss": "mse",
+                              "optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "schedule": "cosine",
+                              "epochs": 3, "batch_size": 16, "lambda_H1": 1e-4, "lambda_W": 1e-3,
+                              "weight_decay": 5e-4, "checkpoint_every": 1, "feature_epochs": [1, 3],
+                              "seeds": [0]},
+                 "experiments": {"net": {}}},
+    "metrics": {},
+    "theory": {},
+}
+
+
+def test_pipeline_runs_on_slurm_and_requests_the_gpu(tmp_path):
+    for name in ("Snakefile", "workflow", "scripts", "config", "profiles"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
+    cmd = [sys.executable, "-m", "snakemake", "--directory", str(tmp_path), "--snakefile",
+           str(tmp_path / "Snakefile"), "--workflow-profile", str(tmp_path / "profiles" / "slurm"),
+           "--configfile", str(tmp_path / "c.yaml")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    summary = pd.read_parquet(tmp_path / "results/report/summary.parquet")
+    assert set(summary["run"]) == {"one-s0", "net-s0"}
+    # Jobs stay visible for MinJobAge (300 s on the test cluster): find this run's jobs.
+    jobs = subprocess.run(["scontrol", "show", "jobs"], capture_output=True, text=True).stdout
+    ours = [b for b in re.split(r"\n(?=JobId=)", jobs) if f"WorkDir={tmp_path}" in b]
+    rules = {m.group(1): b for b in ours if (m := re.search(r"Comment=rule_(\w+?)_wildcards", b))}
+    assert {"train_dufm", "train_network", "compute_metrics", "extract_features"} <= set(rules)
+    assert "TresPerJob=gres:gpu:1" in rules["train_network"]
+    assert "TresPerJob=gres:gpu" not in rules["train_dufm"]
