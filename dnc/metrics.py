@@ -115,6 +115,7 @@ class ClassMeanAccumulator:
         # NaN/inf in the chunk propagate into the sums: check K x d numbers, not b x d.
         if not bool(torch.isfinite(self.sums).all()):
             check_finite(H, self.name, self.rows)
+            raise OverflowError(f"{self.name!r}: class sums overflow float64 (features near 1e308)")
         self.rows += H.shape[0]
 
     def compute(self) -> ClassMeans:
