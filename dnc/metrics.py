@@ -56,7 +56,8 @@ class Convention:
             Sigma_B^+ (the reported rank_sigma_B says how many were kept).
         means_rank_rtol: threshold of the numerical rank of M (dufm-theory.md uses 1e-3).
         spectra: also accumulate the d x d within-class scatter for the Sigma_W spectrum and the
-            effective rank (O(N d^2) time and O(d^2) memory: off by default).
+            effective rank (O(N d^2) time, O(d^2) memory, two O(d^3) eigendecompositions; 23x the
+            default set's time at N = 50,000, d = 2048 on 2 CPU cores: off by default).
     """
 
     global_mean: str = "classes"
