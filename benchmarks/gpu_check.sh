@@ -12,3 +12,4 @@ python3 benchmarks/bench_metrics.py --device cuda --repeats 5 --baseline-repeats
   --json "$OUT/metrics_cuda.json" 2>&1 | tee "$OUT/bench_metrics.txt"
 python3 benchmarks/bench_dufm.py --device cuda --steps 2000 2>&1 | tee "$OUT/bench_dufm_cuda.txt"
 python3 benchmarks/bench_dufm.py --device cpu --steps 2000 2>&1 | tee "$OUT/bench_dufm_cpu16.txt"
+python3 benchmarks/bench_train.py --device cuda --steps 20 2>&1 | tee "$OUT/bench_train_cuda.txt"
