@@ -180,14 +180,15 @@ def train_network(
     history: list[dict] = []
     start = 1
     last = out / "last.pt"
-    if last.exists() and load_checkpoint(last, "cpu")["config"] != cfg.resume_key():
+    ck = load_checkpoint(last, str(dev)) if last.exists() else None
+    if ck is not None and ck["config"] != cfg.resume_key():
         if on_conflict != "restart":
             raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
         log.warning("%s: discarding checkpoints of another config in %s", run, out)
         for f in out.glob("*.pt"):
             f.unlink()
-    if last.exists():
-        ck = load_checkpoint(last, str(dev))
+        ck = None
+    if ck is not None:
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

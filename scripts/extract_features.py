@@ -12,7 +12,7 @@ import torch
 
 from dnc.data import read_split
 from dnc.dufm import resolve_device
-from dnc.extract import dufm_objective, network_features
+from dnc.extract import network_features, objective_terms
 from dnc.io import write_features, write_parquet, write_weights
 from dnc.logs import configure_logging
 from dnc.train import restore_net
@@ -36,7 +36,9 @@ for epoch in p.epochs:
         cols, pred = network_features(net, X)
         meta = {"dnc:run": run_id, "dnc:step": epoch, "dnc:split": split}
         write_features(folder / f"epoch{epoch}_{split}.parquet", y.numpy(), cols, pred, meta)
-    objective = dufm_objective(net, *data["train"], p.settings["lambda_H1"], p.settings["lambda_W"])
+        if split == "train":  # the objective from the features just extracted: no second forward pass
+            objective = objective_terms(cols[0][1], cols[-1][1], y, weights,
+                                        p.settings["lambda_H1"], p.settings["lambda_W"])
     rows.append({"run": run_id, "epoch": epoch, **objective})
     log.info("epoch %d: DUFM objective %s", epoch, rows[-1])
 write_parquet(pd.DataFrame(rows), out.objective)
