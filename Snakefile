@@ -20,7 +20,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/dufm.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/theory.smk"
-include: "workflow/rules/networks.smk"
+include: "workflow/rules/nets.smk"
 include: "workflow/rules/report.smk"
 
 

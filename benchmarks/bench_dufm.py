@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from dnc.dufm import DUFMConfig, resolve_device, train_dufm
+from dnc.device import resolve_device
+from dnc.dufm import DUFMConfig, train_dufm
 
 CASES = [  # (K, L, n, width): the default config's sizes, then a larger head
     (2, 3, 10, 16),

@@ -4,7 +4,7 @@ Speed mode (default), for each d: N samples of K Gaussian classes in float32, wr
 feature file; then, each timed `--repeats` times (median reported):
   read      one streaming pass over the file (dnc.io.iter_feature_chunks), nothing computed;
   memory    dnc.metrics.layer_metrics on the in-memory (N, d) tensor;
-  parquet   dnc.streaming.feature_file_metrics on the file (two passes; a column of at most
+  parquet   dnc.metrics.streaming.feature_file_metrics on the file (two passes; a column of at most
             1 GB is read once and replayed), and again with cache_mb=0 (read twice);
   baseline  a straightforward float64 implementation: pooled Sigma_W = R^T R / N (d x d), Sigma_B,
             torch.linalg.pinv(Sigma_B), tr(Sigma_W Sigma_B^+) / K.
@@ -35,10 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dnc.dufm import resolve_device
-from dnc.io import FeatureColumn, iter_feature_chunks, write_features
+from dnc.device import resolve_device
+from dnc.io import iter_feature_chunks, write_features
+from dnc.layout import FeatureColumn
 from dnc.metrics import layer_metrics
-from dnc.streaming import feature_file_metrics
+from dnc.metrics.streaming import feature_file_metrics
 
 
 def machine(device: torch.device) -> str:
@@ -166,7 +167,8 @@ def memory(args) -> list[dict]:
             t0 = time.perf_counter()
             write_big(path, args.n, args.k, d)
             write_s = time.perf_counter() - t0
-            code = ("import resource, time, torch, sys; from dnc.streaming import feature_file_metrics;"
+            code = ("import resource, time, torch, sys;"
+                    "from dnc.metrics.streaming import feature_file_metrics;"
                     "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
                     f"t = time.perf_counter(); feature_file_metrics({str(path)!r}, 'big', device='cpu');"
                     "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from dnc.dufm import resolve_device
-from dnc.models import build_net
-from dnc.train import sample_loss
+from dnc.device import resolve_device
+from dnc.nets.models import build_net
+from dnc.nets.train import sample_loss
 
 CASES = [  # (name, arch, input shape, mlp widths, head layers, head width)
     ("resnet20+head, CIFAR-10 shape", "resnet20", (3, 32, 32), [], 3, 64),

@@ -7,19 +7,39 @@ order the keys are written) times ``seeds``. The run id is
 and the seed, so it never changes when an unrelated setting does: changing a setting reruns the
 jobs of the same ids (Snakemake's params trigger) and adding a seed or grid value adds new ids.
 
-``lambda`` is a shorthand that sets lambda_H1 and every lambda_W to one value.
+``lambda`` is a shorthand that sets lambda_H1 and every lambda_W to one value. A key that neither
+the defaults nor the experiment set takes its default from dnc.settings (the one home of defaults),
+and every run is checked by building its settings dataclass here, before any job starts.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
+
+from dnc.settings import DUFMConfig, NetConfig, optional_keys, required_keys
 
 __all__ = ["ConfigError", "expand_dufm_runs", "expand_network_runs", "format_value"]
 
-RUN_KEYS = ("K", "L", "n", "width", "lambda_H1", "lambda_W", "lr", "steps", "optimizer", "tol",
-            "dtype", "init_std", "log_every")
+# Settings carried by every run (the seed and the device are set per run and per machine).
+RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
+NET_KEYS = tuple(f.name for f in fields(NetConfig) if f.name not in ("seed", "device"))
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Documented defaults of a settings dataclass as config values (tuples become lists)."""
+    out = {k: v for k, v in optional_keys(cls).items() if k not in ("seed", "device")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _validate(cls: type, settings: Mapping[str, Any], where: str) -> None:
+    """Build the settings dataclass once so that its checks run at parse time."""
+    try:
+        cls.from_settings(settings)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 class ConfigError(ValueError):
@@ -42,6 +62,9 @@ def _resolve(exp: str, values: Mapping[str, Any]) -> dict[str, Any]:
     if "lambda" in v:
         lam = v.pop("lambda")
         v["lambda_H1"], v["lambda_W"] = lam, lam
+    missing = [k for k in required_keys(DUFMConfig) if k not in v]
+    if missing:
+        raise ConfigError(f"{where}: missing {missing} (set them in dufm.defaults or in the experiment)")
     lw = v["lambda_W"]
     if isinstance(lw, list):
         if len(lw) != v["L"]:
@@ -91,7 +114,7 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     defaults = dict(dufm.get("defaults") or {})
 
     def base_of(exp: str, spec: dict, grid: dict) -> dict:
-        base = {k: v for k, v in defaults.items() if k != "seeds"}
+        base = {**_defaults(DUFMConfig), **{k: v for k, v in defaults.items() if k != "seeds"}}
         explicit = set(spec) | set(grid)
         if "lambda" in explicit and explicit & {"lambda_H1", "lambda_W"}:
             raise ConfigError(f"dufm.experiments.{exp}: give either 'lambda' or "
@@ -105,17 +128,9 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     runs: dict[str, dict[str, Any]] = {}
     for exp, rid, seed, point, values in _grid_runs("dufm", dufm.get("experiments"), defaults, base_of):
         settings = _resolve(exp, values)
-        missing = [k for k in RUN_KEYS if k not in settings]
-        if missing:
-            raise ConfigError(f"dufm.experiments.{exp}: missing {missing} "
-                              f"(set them in dufm.defaults or in the experiment)")
+        _validate(DUFMConfig, settings, f"dufm.experiments.{exp} (run {rid})")
         runs[rid] = {**{k: settings[k] for k in RUN_KEYS}, "seed": seed, "experiment": exp, "grid": point}
     return runs
-
-
-NET_KEYS = ("dataset", "arch", "mlp_widths", "bias", "init_gain", "head_layers", "head_width", "loss",
-            "optimizer", "lr", "momentum", "schedule", "epochs", "batch_size", "lambda_H1", "lambda_W",
-            "weight_decay", "checkpoint_every", "feature_epochs")
 
 
 def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -129,20 +144,19 @@ def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     defaults = dict(nets.get("defaults") or {})
 
     def base_of(exp: str, spec: dict, grid: dict) -> dict:
-        return {**{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
+        unknown = sorted(set(grid) - set(NET_KEYS))
+        if unknown:
+            raise ConfigError(f"networks.experiments.{exp}.grid: unknown setting(s) {unknown}; "
+                              f"allowed: {sorted(NET_KEYS)}")
+        return {**_defaults(NetConfig), **{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
 
     runs: dict[str, dict[str, Any]] = {}
     for exp, rid, seed, point, settings in _grid_runs("networks", nets.get("experiments"), defaults,
                                                       base_of):
         where = f"networks.experiments.{exp}"
-        missing = [k for k in NET_KEYS if k not in settings]
-        if missing:
-            raise ConfigError(f"{where}: missing {missing} (set them in networks.defaults)")
         if settings["dataset"] not in datasets:
             raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
                               f"datasets ({sorted(datasets)})")
-        bad = [e for e in settings["feature_epochs"] if not 0 <= e <= settings["epochs"]]
-        if bad:
-            raise ConfigError(f"{where}.feature_epochs: {bad} outside 0..{settings['epochs']}")
+        _validate(NetConfig, settings, f"{where} (run {rid})")
         runs[rid] = {**{k: settings[k] for k in NET_KEYS}, "seed": seed, "experiment": exp, "grid": point}
     return runs

@@ -14,7 +14,6 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dnc.layout import FeatureColumn
+
 __all__ = [
     "atomic_path",
     "write_parquet",
-    "FeatureColumn",
     "write_features",
     "read_layout",
     "read_metadata",
     "iter_feature_chunks",
-    "read_feature_array",
     "write_weights",
     "read_weights",
 ]
@@ -76,21 +75,6 @@ def read_metadata(path: str | os.PathLike, key: str) -> object:
     return json.loads(raw)
 
 
-@dataclass(frozen=True)
-class FeatureColumn:
-    """One representation stored in a feature file.
-
-    layer: layer index (1 = H_1 / backbone output); representation: "input", "pre", "post" or
-    "output"; weight: index of the weight matrix acting on these features (None if none stored).
-    """
-
-    column: str
-    layer: int
-    representation: str
-    dim: int
-    weight: int | None = None
-
-
 def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     values = np.ascontiguousarray(values)
     if values.ndim != 2:
@@ -134,7 +118,7 @@ def write_features(
 
 
 def read_layout(path: str | os.PathLike) -> list[FeatureColumn]:
-    """The FeatureColumn entries of a feature file, in file order."""
+    """The FeatureColumn entries of a feature file, in file order (dnc.layout)."""
     return [FeatureColumn(**c) for c in read_metadata(path, "dnc:layout")]
 
 
@@ -173,11 +157,6 @@ def _ints(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     return arr.to_numpy()
-
-
-def read_feature_array(path: str | os.PathLike, column: str) -> np.ndarray:
-    """Whole (N, d) array of one representation column."""
-    return _list_to_array(pq.read_table(path, columns=[column]).column(column))
 
 
 def write_weights(path: str | os.PathLike, weights: list[np.ndarray],

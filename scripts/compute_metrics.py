@@ -1,26 +1,22 @@
 """Per-layer collapse metrics of a run's feature files, streamed from Parquet.
 
 Output: a tidy table (run, layer, representation, split, step, metric, value, convention); each
-feature file is paired with the weights file of the same step (its NC3).
+feature file is paired with the weights file of the same step (its NC3). A network run's input is
+its feature folder (dnc.layout), a DUFM run's its features and weights files.
 """
 
 from dnc.io import write_parquet
+from dnc.layout import folder_files
 from dnc.logs import configure_logging
 from dnc.metrics import Convention
-from dnc.streaming import feature_and_weight_files, files_metrics
+from dnc.metrics.streaming import files_metrics
 
 log = configure_logging(snakemake.log[0])  # noqa: F821
-params = snakemake.params  # noqa: F821
-convention = Convention(**params.convention)
-features, weights = feature_and_weight_files(snakemake.input)  # noqa: F821
-table = files_metrics(
-    features,
-    weights,
-    run=snakemake.wildcards.run,  # noqa: F821
-    convention=convention,
-    batch_rows=params.batch_rows,
-    device=params.device,
-)
+inp, p = snakemake.input, snakemake.params  # noqa: F821
+convention = Convention(**p.convention)
+features, weights = folder_files(inp.folder) if "folder" in inp.keys() else ([inp.features], [inp.weights])
+table = files_metrics(features, weights, run=snakemake.wildcards.run,  # noqa: F821
+                      convention=convention, batch_rows=p.batch_rows, device=p.device)
 log.info("%d metric values for %d (step, split, representation) groups", len(table),
          table.groupby(["step", "split", "layer", "representation"]).ngroups)
 write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})  # noqa: F821

@@ -1,44 +1,38 @@
 """Per-layer features of a trained network at each feature epoch, for the train and test splits.
 
-Outputs: a folder with one feature file per (epoch, split) (epoch<E>_<split>.parquet) and one
-head-weights file per epoch (epoch<E>_weights.parquet), and the DUFM objective of the head
-(backbone output as H_1) at each epoch.
+Outputs: the feature folder (dnc.layout: epoch<E>_<split>.parquet and epoch<E>_weights.parquet)
+and the DUFM objective of the head (backbone output as H_1, train split) at each epoch.
 """
-
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from dnc.data import read_split
-from dnc.dufm import resolve_device
-from dnc.extract import network_features, objective_terms
+from dnc.device import resolve_device
 from dnc.io import write_features, write_parquet, write_weights
+from dnc.layout import feature_file, snapshot_file, weights_file
 from dnc.logs import configure_logging
-from dnc.train import restore_net
+from dnc.nets.extract import head_objective, network_features
+from dnc.nets.train import restore_net
 
 log = configure_logging(snakemake.log[0])  # noqa: F821
-run_id = snakemake.wildcards.run  # noqa: F821
-p = snakemake.params  # noqa: F821
-out = snakemake.output  # noqa: F821
+run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input  # noqa: F821
 torch.set_num_threads(snakemake.threads)  # noqa: F821
 device = str(resolve_device(p.device))
-data = {s: read_split(snakemake.input.dataset, s)[:2] for s in ("train", "test")}  # noqa: F821
+splits = {s: read_split(inp.dataset, s) for s in ("train", "test")}
+K = splits["train"][2]["num_classes"]
 
-folder = Path(out.features)
-folder.mkdir(parents=True, exist_ok=True)
 rows = []
-for epoch in p.epochs:
-    net, _ = restore_net(Path(p.checkpoints) / f"epoch{epoch}.pt", device)
+for epoch in p.settings["feature_epochs"]:
+    net, _ = restore_net(snapshot_file(inp.snapshots, epoch), device)
     weights = [w.detach().cpu().numpy() for w in net.head.weights]
-    write_weights(folder / f"epoch{epoch}_weights.parquet", weights, {"dnc:run": run_id, "dnc:step": epoch})
-    for split, (X, y) in data.items():
+    write_weights(weights_file(out.features, epoch), weights, {"dnc:run": run_id, "dnc:step": epoch})
+    for split, (X, y, _) in splits.items():
         cols, pred = network_features(net, X)
         meta = {"dnc:run": run_id, "dnc:step": epoch, "dnc:split": split}
-        write_features(folder / f"epoch{epoch}_{split}.parquet", y.numpy(), cols, pred, meta)
-        if split == "train":  # the objective from the features just extracted: no second forward pass
-            objective = objective_terms(cols[0][1], cols[-1][1], y, weights,
-                                        p.settings["lambda_H1"], p.settings["lambda_W"])
-    rows.append({"run": run_id, "epoch": epoch, **objective})
-    log.info("epoch %d: DUFM objective %s", epoch, rows[-1])
+        write_features(feature_file(out.features, epoch, split), y.numpy(), cols, pred, meta)
+        if split == "train":  # from the features just extracted: no second forward pass
+            terms = head_objective(cols[0][1], y, weights, K, p.settings["lambda_H1"], p.settings["lambda_W"])
+    rows.append({"run": run_id, "epoch": epoch, **terms})
+    log.info("epoch %d: DUFM objective of the head %s", epoch, rows[-1])
 write_parquet(pd.DataFrame(rows), out.objective)

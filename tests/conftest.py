@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dnc.dufm import DUFMState
+from dnc.dufm.model import DUFMState, Objective, objective, targets
+from dnc.settings import DUFMConfig
 
 
 def dnc_construction(K: int, L: int, n: int, d: int, norms: list[float]) -> DUFMState:
@@ -21,6 +22,11 @@ def dnc_construction(K: int, L: int, n: int, d: int, norms: list[float]) -> DUFM
     W = [(norms[l + 1] / norms[l]) * (E @ E.T) for l in range(L - 1)]
     W.append((norms[L] / norms[L - 1]) * E.T)  # (K, d)
     return DUFMState(H1=H1, W=W)
+
+
+def objective_of(state: DUFMState, cfg: DUFMConfig) -> Objective:
+    """The library's DUFM objective of state with cfg's K, n and lambdas (class-ordered targets)."""
+    return objective(state, targets(cfg.K, cfg.n, state.H1.dtype), cfg.lambda_H1, cfg.lambda_W)
 
 
 @pytest.fixture

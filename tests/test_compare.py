@@ -2,19 +2,20 @@
 
 import pandas as pd
 import pytest
-from conftest import dnc_construction
+from conftest import dnc_construction, objective_of
 
-from dnc.compare import Tolerances, compare_run, is_converged
-from dnc.dufm import DUFMConfig, feature_columns, objective
+from dnc.dufm.compare import Tolerances, compare_run, is_converged
+from dnc.dufm.model import feature_columns
 from dnc.io import write_features
-from dnc.streaming import feature_file_metrics
+from dnc.metrics.streaming import feature_file_metrics
+from dnc.settings import DUFMConfig
 from dnc.theory import dnc_optimum
 
 
 def measure(tmp_path, K, L, n, d, lam, norms, grad_norm=0.0):
     state = dnc_construction(K, L, n, d, list(norms))
     cfg = DUFMConfig(K=K, L=L, n=n, width=d, lambda_H1=lam, lambda_W=lam, lr=1.0, steps=1)
-    obj = objective(state, cfg)
+    obj = objective_of(state, cfg)
     row = {"step": 100, "loss": obj.loss, "fit": obj.fit, "reg_H1": obj.reg_H1, "grad_norm": grad_norm}
     row.update({f"reg_W{l + 1}": v for l, v in enumerate(obj.reg_W)})
     history = pd.DataFrame([{**row, "step": 0}, row])

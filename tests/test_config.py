@@ -69,3 +69,63 @@ def test_network_runs_and_their_errors():
     cfg["networks"]["experiments"] = {"n": {"feature_epochs": [9]}}
     with pytest.raises(ConfigError, match=r"feature_epochs: \[9\] outside 0..5"):
         expand_network_runs(cfg)
+
+
+def test_optional_keys_take_the_documented_defaults():
+    from dnc.settings import DUFMConfig, optional_keys
+
+    minimal = {k: DEFAULTS[k] for k in ("K", "L", "n", "width", "lambda_H1", "lambda_W", "lr", "steps")}
+    r = expand_dufm_runs({"dufm": {"defaults": minimal, "experiments": {"e": {}}}})
+    run = r["e-s0"]
+    for key, default in optional_keys(DUFMConfig).items():
+        if key not in ("seed", "device"):
+            assert run[key] == default, key
+    with pytest.raises(ConfigError, match=r"missing \['steps'\]"):
+        expand_dufm_runs({"dufm": {"defaults": {k: v for k, v in minimal.items() if k != "steps"},
+                                   "experiments": {"e": {}}}})
+
+
+def test_network_grid_keys_and_layer_lists_are_checked_before_any_job():
+    from dnc.config import expand_network_runs
+
+    base = {"datasets": {"d": {"name": "digits"}}}
+    with pytest.raises(ConfigError, match=r"networks.experiments.n.grid: unknown setting\(s\) \['lrr'\]"):
+        expand_network_runs({**base, "networks": {"experiments": {"n": {"dataset": "d",
+                                                                        "grid": {"lrr": [0.1, 0.2]}}}}})
+    with pytest.raises(ConfigError, match=r"experiments.n \(run n-s0\): lambda_W: .*L = head_layers"):
+        expand_network_runs({**base, "networks": {"experiments": {"n": {
+            "dataset": "d", "head_layers": 3, "lambda_W": [1e-3, 1e-3]}}}})
+    runs = expand_network_runs({**base, "networks": {"experiments": {"n": {"dataset": "d"}}}})
+    assert runs["n-s0"]["head_layers"] == 3  # NetConfig's default
+
+
+def _doc_value(v) -> str:
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_doc_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_doc_value(x)}" for k, x in v.items()) + "}"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def test_docs_config_states_every_default_as_defined():
+    from pathlib import Path
+
+    from dnc.data import DatasetSpec
+    from dnc.dufm.compare import Tolerances
+    from dnc.metrics import Convention
+    from dnc.nets.compare import NETWORK_TOLERANCES
+    from dnc.settings import DUFMConfig, NetConfig, optional_keys
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    for cls, prefix in ((DUFMConfig, ""), (NetConfig, ""), (DatasetSpec, ""), (Convention, "convention."),
+                        (Tolerances, "")):
+        for key, value in optional_keys(cls).items():
+            if key in ("seed", "device") and cls is not DatasetSpec:
+                continue
+            assert f"| `{prefix}{key}` | `{_doc_value(value)}` |" in doc, (cls.__name__, key, value)
+    for key, value in NETWORK_TOLERANCES.items():
+        assert f"`{key}` `{_doc_value(value)}`" in doc, key

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from dnc.dufm import DUFMConfig, train_dufm
-from dnc.io import FeatureColumn, write_features
+from dnc.io import write_features
+from dnc.layout import FeatureColumn
 from dnc.metrics import layer_metrics
-from dnc.streaming import feature_file_metrics
+from dnc.metrics.streaming import feature_file_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,16 +5,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnc.io import (
-    FeatureColumn,
     atomic_path,
     iter_feature_chunks,
-    read_feature_array,
     read_layout,
     read_metadata,
     read_weights,
     write_features,
     write_weights,
 )
+from dnc.layout import FeatureColumn
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -38,7 +37,7 @@ def test_feature_roundtrip_chunks_and_layout(tmp_path, rng):
     write_features(path, y, cols, predictions=y[::-1], row_group_rows=5, metadata={"dnc:step": 3})
     assert pq.ParquetFile(path).num_row_groups == 5
     assert read_layout(path) == [c for c, _ in cols] and read_metadata(path, "dnc:step") == 3
-    np.testing.assert_array_equal(read_feature_array(path, "l1_input"), a)
+    np.testing.assert_array_equal(np.concatenate([H for H, _, _ in iter_feature_chunks(path, "l1_input")]), a)
     chunks = list(iter_feature_chunks(path, "l2_output", batch_rows=7))
     np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), b)
     assert chunks[0][0].dtype == np.float32

@@ -1,4 +1,4 @@
-"""Anchors of metrics.md s5, each against values computed independently in the test."""
+"""Anchors of docs/metrics.md section 4, each against values computed independently in the test."""
 
 import math
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dnc.io import FeatureColumn, write_features
+from dnc.io import write_features
+from dnc.layout import FeatureColumn
 from dnc.metrics import Convention, layer_metrics
-from dnc.streaming import feature_file_metrics
+from dnc.metrics.streaming import feature_file_metrics
 
 
 def reference(H, y, rank=None, global_mean="classes"):
@@ -251,7 +252,7 @@ def test_torch_input_and_float32_accumulate_in_float64(rng):
 
 
 def test_input_untouched_and_block_size_irrelevant(rng, monkeypatch):
-    import dnc.metrics as metrics
+    import dnc.metrics.accumulators as metrics
 
     H, y = blobs(rng, K=3, d=5, n=30)
     W = rng.standard_normal((3, 5))

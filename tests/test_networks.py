@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from dnc.dufm import DUFMConfig, DUFMState, objective
-from dnc.extract import dufm_objective, network_features
-from dnc.models import build_net
-from dnc.train import NetConfig, NonFiniteLossError, restore_net, train_network
+from dnc.errors import NonFiniteLossError
+from dnc.layout import snapshot_file
+from dnc.nets.extract import head_objective, network_features
+from dnc.nets.models import build_net
+from dnc.nets.train import export_snapshots, load_checkpoint, restore_net, train_network
+from dnc.settings import NetConfig
 
 
 def gaussian_data(K=4, d=6, n=20, seed=0):
@@ -45,11 +47,11 @@ def test_training_is_deterministic_and_resumes_after_a_kill(tmp_path):
     assert len(killed) == 2
     resumed = train_network(cfg(), data, tmp_path / "b", 4, progress=False)
     assert resumed == full  # same numbers, as if never interrupted
-    a, _ = restore_net(tmp_path / "a" / "resume" / "epoch4.pt")
-    b, _ = restore_net(tmp_path / "b" / "resume" / "epoch4.pt")
+    a, _ = restore_net(tmp_path / "a" / "epoch4.pt")
+    b, _ = restore_net(tmp_path / "b" / "epoch4.pt")
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert (tmp_path / "b" / "resume" / "epoch0.pt").exists()
+    assert (tmp_path / "b" / "epoch0.pt").exists()
 
 
 def test_resume_refuses_another_config(tmp_path):
@@ -75,24 +77,48 @@ def test_training_learns_and_collapses(tmp_path):
     assert rows[-1]["train_acc"] > 0.85 and rows[-1]["train_loss"] < 0.25 * rows[0]["train_loss"]
     nc1 = []
     for epoch in (1, 30):
-        net, _ = restore_net(tmp_path / "resume" / f"epoch{epoch}.pt")
+        net, _ = restore_net(tmp_path / f"epoch{epoch}.pt")
         with torch.no_grad():
             last_head = net.representations(data["train"][0])["l3_post"]
         nc1.append(layer_metrics(last_head, data["train"][1])["nc1_pinv"])
     assert nc1[1] < 0.5 * nc1[0]
 
 
-def test_dufm_objective_of_a_net_equals_the_dufm_objective(tmp_path):
+def test_head_objective_equals_the_objective_written_out_from_the_network():
     data = gaussian_data()
     net = build_net("mlp", [1, 6], 4, 8, 2, [16]).double().eval()
     X, y = data["train"]
-    got = dufm_objective(net, X.double(), y, 1e-3, [1e-3, 2e-3, 3e-3])
+    lams = [1e-3, 2e-3, 3e-3]
     with torch.no_grad():
-        H1 = net.features(X.double()).T  # (d, N), columns class by class as y is sorted
-    state = DUFMState(H1=H1, W=[w.detach() for w in net.head.weights])
-    c = DUFMConfig(K=4, L=3, n=20, width=8, lambda_H1=1e-3, lambda_W=[1e-3, 2e-3, 3e-3], lr=1, steps=1)
-    ref = objective(state, c)
-    assert got["loss"] == pytest.approx(ref.loss, rel=1e-12)
-    assert got["fit"] == pytest.approx(ref.fit, rel=1e-12) and got["reg_W3"] == pytest.approx(ref.reg_W[2])
+        Z, H1 = net(X.double())  # the network's own forward, independent of dnc.dufm.model
+    weights = [w.detach() for w in net.head.weights]
+    got = head_objective(H1, y, weights, 4, 1e-3, lams)
+    fit = float(((Z - torch.nn.functional.one_hot(y, 4).double()) ** 2).sum()) / (2 * len(y))
+    regs = [0.5 * lam * float((w**2).sum()) for lam, w in zip(lams, weights)]
+    assert got["fit"] == pytest.approx(fit, rel=1e-12)
+    assert got["reg_H1"] == pytest.approx(0.5e-3 * float((H1**2).sum()), rel=1e-12)
+    assert got["loss"] == pytest.approx(fit + 0.5e-3 * float((H1**2).sum()) + sum(regs), rel=1e-12)
     cols, pred = network_features(net.float(), X)
     assert [c.weight for c, _ in cols] == [1, None, 2, None, 3, None] and pred.shape == (80,)
+
+
+def test_snapshots_are_exported_and_missing_epochs_named(tmp_path):
+    train_network(cfg(), gaussian_data(), tmp_path / "resume", 4, progress=False)
+    export_snapshots(tmp_path / "resume", tmp_path / "snap", [0, 2, 4])
+    assert sorted(f.name for f in (tmp_path / "snap").iterdir()) == ["epoch0.pt", "epoch2.pt", "epoch4.pt"]
+    net, ck = restore_net(snapshot_file(tmp_path / "snap", 2))
+    assert ck["epoch"] == 2
+    with pytest.raises(FileNotFoundError, match="feature epoch 3"):
+        export_snapshots(tmp_path / "resume", tmp_path / "snap2", [3])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_checkpoint_carrying_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": _Payload()}, path)
+    with pytest.raises(ValueError, match="evil.pt: refused to load"):
+        load_checkpoint(path)

@@ -4,17 +4,17 @@ import math
 
 import numpy as np
 import pytest
-from conftest import dnc_construction
+from conftest import dnc_construction, objective_of
 from scipy.optimize import minimize
 
-from dnc.dufm import DUFMConfig, objective
+from dnc.settings import DUFMConfig
 from dnc.theory import dnc_loss, dnc_optimum, local_minimum_structure, triangle_loss
 
 
 def construction_loss(K, L, n, lam_H, lam_W, norms, d=None):
     cfg = DUFMConfig(K=K, L=L, n=n, width=d or K + 1, lambda_H1=lam_H, lambda_W=lam_W, lr=1.0,
                      steps=1)
-    return objective(dnc_construction(K, L, n, d or K + 1, list(norms)), cfg).loss
+    return objective_of(dnc_construction(K, L, n, d or K + 1, list(norms)), cfg).loss
 
 
 def best_construction_loss(K, L, n, lam_H, lam_W, x0):
@@ -47,7 +47,7 @@ def test_penalties_balance_and_fit_at_the_optimum():
     K, L, n, lam = 2, 3, 10, 5e-3
     opt = dnc_optimum(K, L, n, lam, lam)
     cfg = DUFMConfig(K=K, L=L, n=n, width=4, lambda_H1=lam, lambda_W=lam, lr=1.0, steps=1)
-    obj = objective(dnc_construction(K, L, n, 4, list(opt.mean_norms)), cfg)
+    obj = objective_of(dnc_construction(K, L, n, 4, list(opt.mean_norms)), cfg)
     for term in (obj.reg_H1, *obj.reg_W):
         assert 2 * term == pytest.approx(opt.penalty, rel=1e-12)
     assert obj.fit == pytest.approx((1 - opt.scale) ** 2 / 2, rel=1e-12)
@@ -85,7 +85,7 @@ def test_scan_and_local_minimum_are_stationary_points_of_g():
 
 
 def test_reference_numbers_of_the_theory_notes():
-    # dufm-theory.md s5 and s4 (computed there independently of this code).
+    # docs/theory.md sections 5 and 4 (computed there independently of this code).
     assert dnc_optimum(2, 3, 10, 5e-3, 5e-3).loss == pytest.approx(0.0354060429, abs=1e-10)
     assert dnc_optimum(10, 4, 5, 4e-3, 4e-3).loss == pytest.approx(0.13640, abs=1e-5)
     assert triangle_loss(10, 4, 5, 4e-3, 4e-3) == pytest.approx(0.1117, abs=1e-4)

@@ -1,7 +1,7 @@
 """End-to-end Snakemake runs of a tiny config: outputs, incremental reruns, config and run errors.
 
-Snakemake runs in a subprocess on a copy of the workflow (robust across 9.x; see
-snakemake-and-slurm.md). Which jobs a change reruns is read from Snakemake's own dry-run output.
+Snakemake runs in a subprocess on a copy of the workflow (robust across Snakemake 9.x, whose Python
+API signatures move). Which jobs a change reruns is read from Snakemake's own dry-run output.
 """
 
 import copy
@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from dnc.compare import VERDICTS
+from dnc.dufm.compare import VERDICTS
+from dnc.theory import dnc_optimum
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -24,11 +25,10 @@ TINY = {
     "device": "cpu",
     "dufm": {
         "defaults": {"K": 2, "L": 2, "n": 4, "width": 6, "lambda_H1": 5e-3, "lambda_W": 5e-3,
-                     "lr": 1.0, "steps": 3000, "optimizer": "gd", "tol": 1e-10,
-                     "dtype": "float64", "init_std": None, "log_every": 100, "seeds": [0]},
+                     "lr": 1.0, "steps": 40000, "tol": 1e-10, "log_every": 100, "seeds": [0]},
         "experiments": {
             "scan": {"grid": {"lambda": [0.005, 0.01]}},
-            "other": {"L": 3, "lambda": 0.005},
+            "other": {"L": 3, "lambda": 0.01, "init_std": 0.5},
         },
     },
     "datasets": {"blobs": {"name": "gaussian", "gaussian": {"K": 3, "dim": 5, "separation": 4.0, "n": 30}}},
@@ -40,9 +40,7 @@ TINY = {
                      "feature_epochs": [1, 4], "seeds": [0]},
         "experiments": {"net": {}},
     },
-    "metrics": {},
-    "theory": {},
-}
+}  # metrics and theory sections left out: their documented defaults apply
 
 
 def workdir_copy(tmp: Path) -> Path:
@@ -92,7 +90,7 @@ def finished(tmp_path_factory):
 def test_full_run_writes_report_and_tables(finished):
     report = finished / "results" / "report"
     html = (report / "index.html").read_text()
-    assert html.count("data:image/png;base64,") >= 2 and "Verdicts" in html
+    assert html.count("data:image/png;base64,") >= 2 and "Claims tested by this run" in html
     summary = pd.read_parquet(report / "summary.parquet")
     assert set(summary["run"]) == {"scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0", "net-s0"}
     for col in ("layer", "representation", "split", "step", "metric", "value", "convention",
@@ -106,6 +104,30 @@ def test_full_run_writes_report_and_tables(finished):
     hist = pd.read_parquet(finished / "results/dufm/other-s0/history.parquet")
     assert {"loss", "fit", "reg_H1", "reg_W1", "reg_W2", "reg_W3", "grad_norm"} <= set(hist.columns)
     assert not list(finished.rglob("*.tmp"))
+
+
+def test_k2_runs_reach_the_closed_form_optimum_end_to_end(finished):
+    """The pipeline's verdict on the tiny K = 2 runs: the closed-form optimum, loss within 1e-7."""
+    for run, lam, L in (("scan-lambda0.005-s0", 0.005, 2), ("scan-lambda0.01-s0", 0.01, 2),
+                        ("other-s0", 0.01, 3)):
+        verdict = pd.read_parquet(finished / f"results/theory/{run}/verdict.parquet").iloc[0]
+        final = pd.read_parquet(finished / f"results/dufm/{run}/history.parquet")["loss"].iloc[-1]
+        opt = dnc_optimum(2, L, 4, lam, lam)
+        assert verdict["verdict"] == "global_optimum", (run, verdict["verdict_text"])
+        assert abs(final - opt.loss) / opt.loss < 1e-7, run
+
+
+def test_report_names_every_run_and_verdict_and_summary_is_tidy(finished):
+    html = (finished / "results/report/index.html").read_text()
+    summary = pd.read_parquet(finished / "results/report/summary.parquet")
+    for run in summary["run"].unique():
+        assert run in html
+        text = pd.read_parquet(finished / f"results/theory/{run}/verdict.parquet")["verdict_text"].iloc[0]
+        assert text in html
+    key = ["run", "layer", "representation", "split", "step", "metric"]
+    assert not summary.duplicated(key).any()
+    tables = finished.glob("results/metrics/*/metrics.parquet")
+    assert len(summary) == sum(len(pd.read_parquet(f)) for f in tables)
 
 
 def test_nothing_to_do_after_a_full_run(finished):
@@ -176,8 +198,8 @@ def test_network_setting_change_reruns_only_the_network_chain(finished):
     cfg = copy.deepcopy(TINY)
     cfg["networks"]["experiments"]["net"] = {"lr": 0.03}
     assert planned_jobs(finished, cfg) == {("train_network", "net-s0"), ("extract_features", "net-s0"),
-                                           ("compute_net_metrics", "net-s0"),
-                                           ("compare_net_theory", "net-s0")} | REPORT
+                                           ("compute_metrics", "net-s0"),
+                                           ("compare_network", "net-s0")} | REPORT
 
 
 def test_paper_config_plans_the_right_jobs(tmp_path):
@@ -188,7 +210,7 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
     n_dufm = 10 * (3 + 4)
     assert counts["prepare_dataset"] == "2" and counts["train_network"] == "3"
-    assert counts["train_dufm"] == str(n_dufm) and counts["compare_net_theory"] == "3"
+    assert counts["train_dufm"] == str(n_dufm) and counts["compare_network"] == "3"
     assert "--gpus" not in out.stdout  # local dry run; the GPU request is a resource:
     assert "gpu=1" in out.stdout
 
@@ -215,13 +237,13 @@ def _killed_then_resumed(tmp_path, cfg) -> tuple[str, pd.DataFrame]:
     last = wd / "results/nets/slow-s0/resume/last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 2:
+        if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed: make it slower"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(last, weights_only=False)["epoch"]
+    killed_at = torch.load(last, weights_only=True)["epoch"]
     assert not (wd / target).exists()
 
     # What a user does after a crash: unlock, then rerun the incomplete job.

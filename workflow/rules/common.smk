@@ -1,4 +1,6 @@
 # Not rules: run ids from the config grids, wildcard constraints, input functions.
+import re
+
 import dnc
 from dnc.config import ConfigError, expand_dufm_runs, expand_network_runs
 
@@ -21,6 +23,7 @@ def alternatives(ids):
 
 DUFM_RUN = alternatives(RUNS)
 NET_RUN = alternatives(NET_RUNS)
+ANY_RUN = alternatives([*RUNS, *NET_RUNS])
 
 
 wildcard_constraints:
@@ -37,6 +40,14 @@ def net_settings(wildcards):
 
 def net_dataset(wildcards):
     return f"results/datasets/{NET_RUNS[wildcards.run]['dataset']}.parquet"
+
+
+def metrics_inputs(wildcards):
+    """A DUFM run's features and weights files, or a network run's feature folder."""
+    if wildcards.run in RUNS:
+        return {"features": f"results/dufm/{wildcards.run}/features.parquet",
+                "weights": f"results/dufm/{wildcards.run}/weights.parquet"}
+    return {"folder": f"results/nets/{wildcards.run}/features"}
 
 
 def per_run(pattern, runs=None):

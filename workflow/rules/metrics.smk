@@ -1,9 +1,9 @@
+# One metrics rule for every kind of run: metrics_inputs picks the run's feature files.
 rule compute_metrics:
     wildcard_constraints:
-        run=DUFM_RUN,
+        run=ANY_RUN,
     input:
-        features="results/dufm/{run}/features.parquet",
-        weights="results/dufm/{run}/weights.parquet",
+        unpack(metrics_inputs),
     output:
         metrics="results/metrics/{run}/metrics.parquet",
     log:

@@ -16,6 +16,7 @@ rule build_report:
     params:
         runs=RUNS,
         net_runs=NET_RUNS,
+        configfiles=[str(f) for f in workflow.configfiles],
         version=DNC_VERSION,
     threads: 1
     script:

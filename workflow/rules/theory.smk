@@ -17,3 +17,25 @@ rule compare_theory:
     threads: 1
     script:
         "../../scripts/compare_theory.py"
+
+
+rule compare_network:
+    wildcard_constraints:
+        run=NET_RUN,
+    input:
+        dataset=net_dataset,
+        objective="results/nets/{run}/objective.parquet",
+        metrics="results/metrics/{run}/metrics.parquet",
+        features="results/nets/{run}/features",
+    output:
+        comparison="results/theory/{run}/comparison.parquet",
+        verdict="results/theory/{run}/verdict.parquet",
+    log:
+        "logs/compare_network/{run}.log",
+    params:
+        settings=net_settings,
+        tolerances=config["theory"]["network_tolerances"],
+        version=DNC_VERSION,
+    threads: 1
+    script:
+        "../../scripts/compare_network.py"

@@ -1,9 +1,8 @@
 """Networks with a DUFM-like head: backbone (MLP, ResNet20, ResNet18) -> H_1 -> bias-free head.
 
-The head mirrors the DUFM of dufm-theory.md s1 with L = head_layers + 1 weight layers: W_1 ..
-W_{L-1} are bias-free FC layers of width d each followed by ReLU, W_L is a bias-free linear
-classifier. Representations are named like the DUFM feature files: l1_input (backbone output H_1),
-l{l}_pre / l{l}_post for l = 2..L, l{L+1}_output.
+The head mirrors the DUFM of docs/theory.md section 1 with L = head_layers + 1 weight layers:
+W_1 .. W_{L-1} are bias-free FC layers of width d each followed by ReLU, W_L is a bias-free linear
+classifier. Representations are named by dnc.layout, like the DUFM feature files.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import math
 
 import torch
 from torch import nn
+
+from dnc.layout import column_name
 
 __all__ = ["MLP", "ResNet20", "resnet18_small", "DUFMHead", "Net", "build_net"]
 
@@ -107,15 +108,15 @@ class DUFMHead(nn.Module):
         return [lin.weight for lin in self.layers] + [self.classifier.weight]
 
     def forward(self, h: torch.Tensor, keep: bool = False):
-        reps = {"l1_input": h} if keep else None
-        for i, lin in enumerate(self.layers):
+        reps = {column_name(1, "input"): h} if keep else None
+        for layer, lin in enumerate(self.layers, start=2):
             pre = lin(h)
             h = torch.relu(pre)
             if keep:
-                reps[f"l{i + 2}_pre"], reps[f"l{i + 2}_post"] = pre, h
+                reps[column_name(layer, "pre")], reps[column_name(layer, "post")] = pre, h
         out = self.classifier(h)
         if keep:
-            reps[f"l{len(self.layers) + 2}_output"] = out
+            reps[column_name(len(self.layers) + 2, "output")] = out
             return out, reps
         return out
 
@@ -140,7 +141,7 @@ class Net(nn.Module):
         return self.head(h), h
 
     def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every head representation of a batch, keyed l1_input, l2_pre, ..., l{L+1}_output."""
+        """Every head representation of a batch, keyed by dnc.layout.column_name, in depth order."""
         return self.head(self.features(x), keep=True)[1]
 
 

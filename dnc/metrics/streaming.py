@@ -1,7 +1,8 @@
 """Collapse metrics of a Parquet feature file, two streaming passes per representation.
 
 Memory is bounded by one chunk of batch_rows x d plus O(K d) state (O(d^2) with spectra), not by N.
-The formulas live in dnc.metrics; this module only feeds them chunks and shapes the tidy table.
+The formulas live in formulas.py and the state in accumulators.py; this module only feeds them
+chunks and shapes the tidy table (docs/schemas.md).
 """
 
 from __future__ import annotations
@@ -10,20 +11,20 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from dnc.dufm import resolve_device
-from dnc.io import iter_feature_chunks, read_layout, read_metadata
-from dnc.metrics import Convention, metrics_from_chunks
+from dnc.device import resolve_device
+from dnc.io import iter_feature_chunks, read_layout, read_metadata, read_weights
+from dnc.metrics.accumulators import metrics_from_chunks
+from dnc.metrics.formulas import Convention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["feature_file_metrics", "files_metrics", "feature_and_weight_files", "TIDY_COLUMNS"]
+__all__ = ["feature_file_metrics", "files_metrics", "TIDY_COLUMNS"]
 
 TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "value", "convention"]
 
@@ -50,7 +51,8 @@ def feature_file_metrics(
         run, split: identifiers carried into the table; split defaults to the file's metadata
             "dnc:split" (else "train"), the step comes from "dnc:step" (-1 if absent).
         weights: layer -> weight matrix; a column whose layout names weight l gets NC3 with W_l.
-        batch_rows: rows per streamed chunk (None: chunks of about 256 MB).
+        batch_rows: rows per streamed chunk (None: one row group, about 64 MB as written by
+            dnc.io.write_features).
         device: "auto", "cpu" or "cuda[:i]": where the accumulation runs.
         columns: restrict to these representation columns (default: all).
 
@@ -124,23 +126,10 @@ def _meta(path, key: str, default):
         return default
 
 
-def feature_and_weight_files(inputs) -> tuple[list[str], list[str]]:
-    """Feature and weight files of a stage's inputs: explicit 'features'/'weights' files, or a
-    features folder holding epoch<E>_<split>.parquet and epoch<E>_weights.parquet."""
-    feats = [str(f) for f in inputs.features] if not isinstance(inputs.features, str) else [inputs.features]
-    if len(feats) == 1 and os.path.isdir(feats[0]):
-        folder = Path(feats[0])
-        files = sorted(folder.glob("epoch*.parquet"), key=lambda f: (int(f.stem[5:].split("_")[0]), f.stem))
-        return ([str(f) for f in files if not f.stem.endswith("_weights")],
-                [str(f) for f in files if f.stem.endswith("_weights")])
-    weights = getattr(inputs, "weights", [])
-    return feats, [str(w) for w in ([weights] if isinstance(weights, str) else weights)]
-
-
-def files_metrics(features: list[str], weights: list[str], run: str, **kwargs) -> pd.DataFrame:
-    """feature_file_metrics of several files; each file gets the weights file of the same step."""
-    from dnc.io import read_weights
-
+def files_metrics(features: list[str | os.PathLike], weights: list[str | os.PathLike], run: str,
+                  **kwargs) -> pd.DataFrame:
+    """feature_file_metrics of several files; each file gets the weights file of the same step
+    (metadata "dnc:step"). kwargs go to feature_file_metrics."""
     by_step = {int(_meta(w, "dnc:step", -1)): w for w in weights}
     tables = []
     for f in features:

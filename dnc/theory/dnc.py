@@ -1,8 +1,7 @@
 """Closed forms of the deep unconstrained features model (DUFM).
 
-Sources: Súkeník, Mondelli, Lampert, "Deep Neural Collapse Is Provably Optimal for the Deep
-Unconstrained Features Model" (NeurIPS 2023) for the DNC solution, and Súkeník, Lampert, Mondelli,
-"Neural collapse vs. low-rank bias" (NeurIPS 2024) for the triangle (low-rank) competitor.
+Source: Súkeník, Mondelli, Lampert, "Deep Neural Collapse Is Provably Optimal for the Deep
+Unconstrained Features Model" (NeurIPS 2023). Derivation sketch and conventions: docs/theory.md.
 
 Model (L layers, K classes, n samples per class, N = K n)::
 
@@ -21,7 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["DNCOptimum", "dnc_optimum", "dnc_loss", "triangle_loss", "lambda_vector"]
+__all__ = ["DNCOptimum", "dnc_optimum", "dnc_loss", "largest_root", "local_minimum_structure",
+           "lambda_vector"]
 
 
 def lambda_vector(lambda_W: float | Sequence[float], L: int) -> list[float]:
@@ -47,7 +47,7 @@ def _stationarity(c: float, K: int, L: int, P: float) -> float:
     return c ** ((L - 1) / (L + 1)) * (1.0 - c) - K * P ** (1.0 / (L + 1))
 
 
-def _largest_root(K: int, L: int, P: float) -> float | None:
+def largest_root(K: int, L: int, P: float) -> float | None:
     """Largest root of the stationarity equation on [(L-1)/(2L), 1], or None if there is none.
 
     The left side is unimodal on [0, 1] with its maximum at c = (L-1)/(2L) and decreases to
@@ -137,7 +137,7 @@ def _structure(c: float, K: int, L: int, n: int, lam_H: float, lams: list[float]
 def dnc_optimum(
     K: int, L: int, n: int, lambda_H: float, lambda_W: float | Sequence[float]
 ) -> DNCOptimum:
-    """Closed-form best DNC solution of the L-DUFM (dufm-theory.md section 2).
+    """Closed-form best DNC solution of the L-DUFM (docs/theory.md section 2).
 
     Args:
         K: number of classes (>= 2).
@@ -158,7 +158,7 @@ def dnc_optimum(
     lams = lambda_vector(lambda_W, L)
     P = n * lambda_H * math.prod(lams)
     threshold = (L - 1) ** (L - 1) / (K ** (L + 1) * L ** (2 * L))
-    root = _largest_root(K, L, P)
+    root = largest_root(K, L, P)
     local_loss = dnc_loss(root, K, L, P) if root is not None else None
     zero_optimal = root is None or local_loss >= 0.5
     c = 0.0 if zero_optimal else root
@@ -205,28 +205,3 @@ def local_minimum_structure(opt: DNCOptimum) -> DNCOptimum:
             "weight_singular_values": svs,
         }
     )
-
-
-def triangle_loss(
-    K: int, L: int, n: int, lambda_H: float, lambda_W: float | Sequence[float]
-) -> float | None:
-    """Loss of the triangle (strongly-regular-graph) low-rank construction, dufm-theory.md s4.
-
-    Defined for K = C(r, 2) with r >= 5 and L >= 3; returns None otherwise. This is an upper bound
-    on the optimum, not the optimum.
-    """
-    r = (1 + math.isqrt(1 + 8 * K)) // 2
-    if r * (r - 1) // 2 != K or r < 5 or L < 3:
-        return None
-    lams = lambda_vector(lambda_W, L)
-    nu_B = math.sqrt(2 * (r - 1)) + (r - 1) * math.sqrt(r - 2)
-    S_mu = 1 / (3 * (r - 2)) + (r - 1) / (2 * r - 6) + (K - r) / (r - 4)
-    Q = n * lambda_H * lams[0] * nu_B**2 / 4
-    for lam in lams[1 : L - 2]:  # l = 2 .. L-2
-        Q *= r * lam / 2
-    Q *= math.comb(r, 3) * r * lams[L - 2] / 2
-    Q *= lams[L - 1] * S_mu / 8
-
-    # Same shape as g with K = 2 and P = Q: reuse the DNC machinery.
-    root = _largest_root(2, L, Q)
-    return 0.5 if root is None else min(0.5, dnc_loss(root, 2, L, Q))

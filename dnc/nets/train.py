@@ -1,7 +1,7 @@
 """Training of networks with a DUFM head: one loop, checkpoints, resume, history.
 
 Objective per mini-batch B of a training set of N samples (an unbiased estimate of the DUFM
-objective of dufm-theory.md s1 with the backbone output as H_1)::
+objective of docs/theory.md section 1, dnc.dufm.model.objective, with the backbone output as H_1)::
 
     mean_{i in B} [ loss_i + (N lambda_H1 / 2) ||h_i||^2 ] + sum_l (lambda_W_l / 2) ||W_l||^2
         + (weight_decay / 2) ||backbone||^2
@@ -10,92 +10,36 @@ loss_i is (1/2)||z_i - y_i||^2 for "mse" (one-hot targets) and "mse_pm1" (+1/-1 
 cross-entropy for "ce". The sum over samples of the H_1 penalty is what the DUFM has, so it is
 scaled by N here.
 
-Checkpoints (one dict: model, optimizer, scheduler, epoch, config, history) are written atomically
-to <out>/resume/last.pt every checkpoint_every epochs and to <out>/resume/epoch<E>.pt at every
-feature epoch; a rerun resumes from last.pt when its config matches and refuses otherwise.
+Checkpoints (one dict of tensors and plain types: model, optimizer, scheduler, epoch, config,
+history) are written atomically to <resume>/last.pt every checkpoint_every epochs and to
+<resume>/epoch<E>.pt at every feature epoch; a rerun resumes from last.pt when its config matches
+and refuses otherwise. They load with torch.load(weights_only=True): a checkpoint cannot run code.
+The resume folder is the training job's private scratch space; export_snapshots copies the
+feature epochs to the declared output folder that feature extraction reads.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+import pickle
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dnc.dufm import resolve_device
+from dnc.device import resolve_device
+from dnc.errors import NonFiniteLossError
 from dnc.io import atomic_path
-from dnc.models import Net, build_net
+from dnc.layout import snapshot_file
+from dnc.nets.models import Net, build_net
+from dnc.settings import NetConfig
 from dnc.theory import lambda_vector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NetConfig", "train_network", "load_checkpoint", "NonFiniteLossError"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """One network training run.
-
-    arch: mlp, resnet20, resnet18. mlp_widths: hidden widths of the MLP backbone; bias, init_gain:
-    its bias switch and init scale. head_layers, head_width: the DUFM head (L = head_layers + 1
-    weight layers). loss: mse, mse_pm1 or ce. optimizer: sgd (momentum 0.9) or adam. schedule:
-    constant, cosine or step (x0.1 at 1/2 and 3/4 of the epochs). lambda_H1: penalty on the
-    backbone output, summed over samples as in the DUFM. lambda_W: weight decay per head layer
-    (one number or L). weight_decay: ordinary decay of the backbone. feature_epochs: epochs whose
-    parameters are kept for feature extraction (0 = initialisation).
-    """
-
-    arch: str = "mlp"
-    mlp_widths: tuple[int, ...] = (256, 256)
-    bias: bool = True
-    init_gain: float = 1.0
-    head_layers: int = 3
-    head_width: int = 64
-    loss: str = "mse"
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    epochs: int = 20
-    batch_size: int = 128
-    lambda_H1: float = 5e-6
-    lambda_W: float | tuple[float, ...] = 5e-3
-    weight_decay: float = 5e-4
-    seed: int = 0
-    checkpoint_every: int = 1
-    feature_epochs: tuple[int, ...] = field(default_factory=tuple)
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("arch", ("mlp", "resnet20", "resnet18")), ("loss", ("mse", "mse_pm1", "ce")),
-                             ("optimizer", ("sgd", "adam")), ("schedule", ("constant", "cosine", "step"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        lam = self.lambda_W
-        object.__setattr__(self, "lambda_W", lam if isinstance(lam, float | int) else tuple(lam))
-        lambda_vector(self.lambda_W, self.head_layers + 1)
-        bad = [e for e in self.feature_epochs if not 0 <= e <= self.epochs]
-        if bad:
-            raise ValueError(f"feature_epochs {bad} outside 0..{self.epochs}")
-
-    @classmethod
-    def from_settings(cls, settings: dict, device: str = "auto") -> NetConfig:
-        keys = set(cls.__dataclass_fields__) - {"device"}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in keys}
-        return cls(**kw, device=device)
-
-    def resume_key(self) -> dict:
-        """Settings that must match for a checkpoint to be resumed (device may differ)."""
-        d = asdict(self)
-        d.pop("device")
-        return d
+__all__ = ["train_network", "load_checkpoint", "restore_net", "export_snapshots", "sample_loss"]
 
 
 def targets_for(y: torch.Tensor, K: int, kind: str) -> torch.Tensor:
@@ -151,11 +95,17 @@ def _save(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
+    """A checkpoint dict, loaded with weights_only=True: tensors and plain Python types only."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load a checkpoint that holds more than tensors and plain "
+                         f"types (it could run code); delete it or re-create it with this version. "
+                         f"torch said: {str(e).splitlines()[0]}") from e
 
 
 def train_network(
-    cfg: NetConfig, data: dict, out_dir: str | Path, num_classes: int, run: str = "net",
+    cfg: NetConfig, data: dict, resume_dir: str | Path, num_classes: int, run: str = "net",
     progress: bool = True, stop_after: int | None = None, on_conflict: str = "error",
 ) -> list[dict]:
     """Train (or resume) and return the history rows (one per epoch).
@@ -168,7 +118,7 @@ def train_network(
     from tqdm.auto import tqdm
 
     dev = resolve_device(cfg.device)
-    out = Path(out_dir) / "resume"
+    out = Path(resume_dir)
     torch.manual_seed(cfg.seed)
     Xtr, ytr = data["train"]
     N = len(ytr)
@@ -201,7 +151,7 @@ def train_network(
                      "history": history, "num_classes": num_classes, "input_shape": list(Xtr.shape[1:])})
 
     if start == 1 and 0 in cfg.feature_epochs:
-        checkpoint(0, out / "epoch0.pt")
+        checkpoint(0, snapshot_file(out, 0))
     bar = tqdm(range(start, cfg.epochs + 1), desc=run, disable=not progress, initial=start - 1,
                total=cfg.epochs)
     for epoch in bar:
@@ -227,7 +177,7 @@ def train_network(
         history.append(row)
         bar.set_postfix(train_loss=f"{row['train_loss']:.4g}", train_acc=f"{row['train_acc']:.3f}")
         if epoch in cfg.feature_epochs:
-            checkpoint(epoch, out / f"epoch{epoch}.pt")
+            checkpoint(epoch, snapshot_file(out, epoch))
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             checkpoint(epoch, last)
         if stop_after is not None and epoch >= stop_after:
@@ -244,3 +194,16 @@ def restore_net(path: str | Path, device: str = "cpu") -> tuple[Net, dict]:
                     list(c["mlp_widths"]), c["bias"], c["init_gain"])
     net.load_state_dict(ck["model"])
     return net.to(device).eval(), ck
+
+
+def export_snapshots(resume_dir: str | Path, snapshots_dir: str | Path, epochs: list[int]) -> None:
+    """Copy the checkpoints of the feature epochs from the resume folder to snapshots_dir."""
+    dest = Path(snapshots_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    for epoch in epochs:
+        src = snapshot_file(resume_dir, epoch)
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: no checkpoint of feature epoch {epoch}; the training run "
+                                    f"did not reach it")
+        with atomic_path(snapshot_file(dest, epoch)) as tmp:
+            shutil.copyfile(src, tmp)

@@ -1,8 +1,8 @@
-"""Measured DUFM solutions against the closed-form theory (dufm-theory.md sections 2-4).
+"""Measured DUFM solutions against the closed-form theory (docs/theory.md sections 2-4).
 
 compare_run() returns a long comparison table (one row per checked quantity: measured, predicted,
 gaps, tolerance, pass) and a one-row verdict. Predictions that the theory does not pin (the H_1
-class-mean angle, the layer-2 pre-activation geometry, see dufm-theory.md section 3) appear with
+class-mean angle, the layer-2 pre-activation geometry, see docs/theory.md section 3) appear with
 predicted = NaN and note "not pinned"; what is pinned there (DNC1, equal norms, cosine <= 0) is
 checked instead.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dnc.layout import dufm_columns
 from dnc.theory import DNCOptimum, dnc_optimum, local_minimum_structure, triangle_loss
 
 __all__ = ["Tolerances", "compare_run", "is_converged", "VERDICTS"]
@@ -96,9 +97,7 @@ def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics
         rows.append(_row(name, i, "", p, opt.penalty, tol.structure_rtol, "K tau"))
     rows.append(_row("penalty balance max/min - 1", 0, "", max(pens) / min(pens) - 1, 0.0,
                      tol.structure_rtol, "all lambda ||.||^2 equal", mode="abs"))
-    reps = [(1, "input")] + [(l, r) for l in range(2, L + 1) for r in ("pre", "post")]
-    reps.append((L + 1, "output"))
-    for layer, rep in reps:
+    for layer, rep in dufm_columns(L):
         rows.append(_row("nc1_pinv", layer, rep, _metric(metrics, layer, rep, "nc1_pinv"), 0.0,
                          tol.collapse_atol, "DNC1", mode="abs"))
         pinned = not (layer == 1 or (layer == 2 and rep == "pre"))
@@ -108,7 +107,7 @@ def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics
                              mode="abs"))
         else:
             rows.append(_row("nc2_orth", layer, rep, _metric(metrics, layer, rep, "nc2_orth"),
-                             math.nan, 0.0, "not pinned (flat family, dufm-theory.md s3)"))
+                             math.nan, 0.0, "not pinned (flat family, docs/theory.md s3)"))
             rows.append(_row("mean_norm_spread", layer, rep,
                              _metric(metrics, layer, rep, "mean_norm_spread"), 0.0,
                              tol.structure_rtol, "equal class-mean norms", mode="abs"))
@@ -116,7 +115,7 @@ def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics
                              _metric(metrics, layer, rep, "max_cos_uncentred"), 0.0,
                              tol.structure_rtol, "class-mean cosines <= 0", mode="le"))
     # Class-mean norms: a (H_1), s_l (post-ReLU layer l), c* (output).
-    norm_reps = [(1, "input")] + [(l, "post") for l in range(2, L + 1)] + [(L + 1, "output")]
+    norm_reps = [(l, r) for l, r in dufm_columns(L) if r != "pre"]
     for (layer, rep), pred in zip(norm_reps, opt.mean_norms):
         rows.append(_row("class-mean norm", layer, rep, _metric(metrics, layer, rep, "mean_norm"),
                          pred, tol.structure_rtol, "a, s_l, c*"))
@@ -160,7 +159,8 @@ def compare_run(
     Returns:
         (comparison, verdict): comparison has one row per checked quantity; verdict one row.
     """
-    K, L, n = int(settings["K"]), int(settings["L"]), int(settings["n"])
+    # n stays a float for networks with N / K not an integer: P = n lambda_H1 ... needs the exact N / K.
+    K, L, n = int(settings["K"]), int(settings["L"]), settings["n"]
     opt = dnc_optimum(K, L, n, settings["lambda_H1"], settings["lambda_W"])
     final = history.iloc[-1].to_dict()
     loss = float(final["loss"])

@@ -1,0 +1,9 @@
+"""The deep unconstrained features model: model and objective (model.py), training (train.py),
+comparison of a trained solution with the closed forms (compare.py). See docs/theory.md."""
+
+from dnc.dufm.model import DUFMState, Objective, forward, gradients, objective, targets
+from dnc.dufm.train import TrainResult, init_dufm, train_dufm
+from dnc.settings import DUFMConfig
+
+__all__ = ["DUFMConfig", "DUFMState", "Objective", "TrainResult", "forward", "gradients", "init_dufm",
+           "objective", "targets", "train_dufm"]

@@ -1,0 +1,108 @@
+"""The feature layout: one home for column names, the weight that acts on each column, and the
+file names of a network's feature folder (docs/schemas.md).
+
+A DUFM (or a network's DUFM head) with L weight layers has the representations, in depth order::
+
+    l1_input            H_1                    W_1 acts on it
+    l{l}_pre, l{l}_post  W_{l-1} H_{l-1}, ReLU   W_l acts on the post-activation (l = 2..L)
+    l{L+1}_output       W_L H_L                no weight
+
+A network's feature folder holds ``epoch<E>_<split>.parquet`` (features) and
+``epoch<E>_weights.parquet`` (W_1..W_L of the head) for every measured epoch E.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "FeatureColumn",
+    "column_name",
+    "parse_column",
+    "weight_index",
+    "dufm_columns",
+    "feature_file",
+    "weights_file",
+    "snapshot_file",
+    "folder_files",
+]
+
+REPRESENTATIONS = ("input", "pre", "post", "output")
+
+
+@dataclass(frozen=True)
+class FeatureColumn:
+    """One representation stored in a feature file.
+
+    layer: layer index (1 = H_1 / backbone output); representation: input, pre, post or output;
+    dim: width d of the features; weight: index l of the W_l acting on them (None if none).
+    """
+
+    column: str
+    layer: int
+    representation: str
+    dim: int
+    weight: int | None = None
+
+
+def column_name(layer: int, representation: str) -> str:
+    """'l{layer}_{representation}', e.g. column_name(2, 'post') == 'l2_post'."""
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    return f"l{layer}_{representation}"
+
+
+def parse_column(name: str) -> tuple[int, str]:
+    """Inverse of column_name: 'l3_pre' -> (3, 'pre')."""
+    m = re.fullmatch(r"l(\d+)_(input|pre|post|output)", name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a feature column name (l<layer>_<input|pre|post|output>)")
+    return int(m.group(1)), m.group(2)
+
+
+def weight_index(layer: int, representation: str) -> int | None:
+    """Index l of the weight W_l applied to this representation: H_1 -> 1, post of layer l -> l."""
+    if representation == "input":
+        return 1
+    return layer if representation == "post" else None
+
+
+def make_column(layer: int, representation: str, dim: int) -> FeatureColumn:
+    """The FeatureColumn of (layer, representation) with its weight index."""
+    return FeatureColumn(column_name(layer, representation), layer, representation, dim,
+                         weight_index(layer, representation))
+
+
+def dufm_columns(L: int) -> list[tuple[int, str]]:
+    """(layer, representation) of an L-layer DUFM in depth order: input, pre/post 2..L, output."""
+    return [(1, "input")] + [(l, r) for l in range(2, L + 1) for r in ("pre", "post")] + [(L + 1, "output")]
+
+
+def feature_file(folder: str | os.PathLike, epoch: int, split: str) -> Path:
+    """Feature file of one (epoch, split) in a network's feature folder."""
+    return Path(folder) / f"epoch{epoch}_{split}.parquet"
+
+
+def weights_file(folder: str | os.PathLike, epoch: int) -> Path:
+    """Head weights (W_1..W_L) at one epoch in a network's feature folder."""
+    return Path(folder) / f"epoch{epoch}_weights.parquet"
+
+
+def snapshot_file(folder: str | os.PathLike, epoch: int) -> Path:
+    """Network parameters at one feature epoch in a run's snapshots folder."""
+    return Path(folder) / f"epoch{epoch}.pt"
+
+
+def folder_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(feature files, weight files) of a feature folder, sorted by epoch then split."""
+    found = []
+    for f in Path(folder).glob("epoch*.parquet"):
+        m = re.fullmatch(r"epoch(\d+)_(\w+)", f.stem)
+        if m is None:
+            raise ValueError(f"{f}: unexpected file in a feature folder (epoch<E>_<split>.parquet)")
+        found.append((int(m.group(1)), m.group(2), f))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return ([f for _, s, f in found if s != "weights"], [f for _, s, f in found if s == "weights"])

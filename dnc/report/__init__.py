@@ -1,0 +1,50 @@
+"""The aggregated report: page shell (page.py), tidy summary (summary.py), claims table
+(claims.py), one module per section (dufm.py, networks.py), and build_report assembling them."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dnc.report.claims import claims_table
+from dnc.report.dufm import render_dufm_section
+from dnc.report.networks import render_network_section
+from dnc.report.page import esc, page, table
+from dnc.report.summary import config_frame, net_config_frame, summary_table
+
+__all__ = ["build_report", "claims_table", "config_frame", "net_config_frame", "summary_table"]
+
+TITLE = "dnc report: deep neural collapse against theory"
+
+
+def build_report(runs: dict, net_runs: dict, tables: dict[str, pd.DataFrame],
+                 configfiles: list[str]) -> tuple[pd.DataFrame, str]:
+    """The summary table and the HTML page.
+
+    Args:
+        runs, net_runs: resolved DUFM and network runs (dnc.config).
+        tables: concatenated inputs keyed histories, metrics, comparisons, verdicts, net_histories,
+            net_metrics, net_comparisons, net_verdicts (empty frames where a kind has no run).
+        configfiles: the config files of this run, named on the page.
+    """
+    config, net_config = config_frame(runs), net_config_frame(net_runs)
+    parts, summaries = [], []
+    if not config.empty:
+        summaries.append(summary_table(config, tables["metrics"], tables["verdicts"]).assign(kind="dufm"))
+    if not net_config.empty:
+        summaries.append(summary_table(net_config, tables["net_metrics"], tables["net_verdicts"])
+                         .assign(kind="network"))
+    claims = claims_table(config, tables["verdicts"], net_config, tables["net_verdicts"])
+    conventions = sorted({c for key in ("metrics", "net_metrics") if "convention" in tables[key]
+                          for c in tables[key]["convention"]})
+    parts.append(f"<p class='note'>Config: {esc(', '.join(configfiles) or 'config/config.yaml')}; "
+                 f"{len(config)} DUFM runs, {len(net_config)} network runs. Metric convention: "
+                 f"<code>{esc('; '.join(conventions))}</code> (docs/metrics.md).</p>")
+    parts += ["<h2>Claims tested by this run</h2>", table(claims, verdict_col="verdict", code_col="code",
+                                                          text_cols=("claim", "run ids", "evidence"))]
+    if not config.empty:
+        parts.append(render_dufm_section(config, tables["histories"], tables["metrics"],
+                                         tables["comparisons"], tables["verdicts"]))
+    if not net_config.empty:
+        parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
+                                            tables["net_comparisons"], tables["net_verdicts"]))
+    return pd.concat(summaries, ignore_index=True), page(TITLE, parts)

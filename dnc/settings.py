@@ -1,0 +1,162 @@
+"""Settings of one run, with their defaults: the single home of every run default.
+
+config/config.yaml states only what its experiments choose; a key it leaves out takes the default
+written here (docs/config.md lists them). The module imports no torch, so Snakemake can build and
+validate every run while it parses the workflow, before any job starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from dnc.theory.dnc import lambda_vector
+
+__all__ = ["DUFMConfig", "NetConfig", "required_keys", "optional_keys"]
+
+DTYPES = ("float64", "float32")
+
+
+def _check_choice(obj: object, key: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, key)
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def required_keys(cls: type) -> list[str]:
+    """Fields of a settings dataclass that have no default (the config must give them)."""
+    return [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def optional_keys(cls: type) -> dict[str, Any]:
+    """Fields with a default, mapped to it (the documented defaults of docs/config.md)."""
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory())
+            for f in fields(cls) if not (f.default is MISSING and f.default_factory is MISSING)}
+
+
+def _from_settings(cls, settings: Mapping[str, Any], device: str):
+    keys = {f.name for f in fields(cls)} - {"device"}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in keys}
+    return cls(**kw, device=device)
+
+
+@dataclass(frozen=True)
+class DUFMConfig:
+    """One DUFM training run (one grid point and one seed).
+
+    Attributes:
+        K, L, n, width: classes, weight layers, samples per class, hidden width d.
+        lambda_H1: weight of (1/2)||H_1||_F^2 (a sum over all N = K n columns).
+        lambda_W: one weight decay for every layer or one per layer (stored as a length-L tuple).
+        lr: step size of full-batch gradient descent (or Adam's lr).
+        steps: maximum number of steps.
+        optimizer: "gd" (plain full-batch gradient descent, as in the papers), "momentum"
+            (heavy ball, beta 0.9) or "adam".
+        tol: stop early once the gradient norm falls below tol (0 disables).
+        dtype: "float64" or "float32".
+        init_std: std of the N(0, init_std^2) initialisation; None means 1/sqrt(width).
+        seed: seed of the initialisation.
+        log_every: write a history row every log_every steps (and at the last step).
+        device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
+    """
+
+    K: int
+    L: int
+    n: int
+    width: int
+    lambda_H1: float
+    lambda_W: float | tuple[float, ...]
+    lr: float
+    steps: int
+    optimizer: str = "gd"
+    tol: float = 0.0
+    dtype: str = "float64"
+    init_std: float | None = None
+    seed: int = 0
+    log_every: int = 100
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lambda_W", tuple(lambda_vector(self.lambda_W, self.L)))
+        _check_choice(self, "optimizer", ("gd", "momentum", "adam"))
+        _check_choice(self, "dtype", DTYPES)
+        if self.lambda_H1 <= 0 or self.lr <= 0:
+            raise ValueError(f"lambda_H1 and lr must be positive, got {self.lambda_H1}, {self.lr}")
+
+    @property
+    def N(self) -> int:
+        return self.K * self.n
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> DUFMConfig:
+        """Build from a resolved run of dnc.config.expand_dufm_runs (extra keys are ignored)."""
+        return _from_settings(cls, settings, device)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One network training run: backbone -> H_1 -> bias-free DUFM head.
+
+    arch: mlp, resnet20, resnet18. mlp_widths: hidden widths of the MLP backbone; bias, init_gain:
+    its bias switch and init scale. head_layers, head_width: the DUFM head (L = head_layers + 1
+    weight layers). loss: mse, mse_pm1 or ce. optimizer: sgd (with momentum) or adam. schedule:
+    constant, cosine or step (x0.1 at 1/2 and 3/4 of the epochs). lambda_H1: penalty on the
+    backbone output, summed over samples as in the DUFM. lambda_W: weight decay per head layer
+    (one number or L). weight_decay: ordinary decay of the backbone. feature_epochs: epochs whose
+    parameters are kept for feature extraction (0 = initialisation).
+    """
+
+    dataset: str = "digits"
+    arch: str = "mlp"
+    mlp_widths: tuple[int, ...] = (256, 256)
+    bias: bool = True
+    init_gain: float = 1.0
+    head_layers: int = 3
+    head_width: int = 64
+    loss: str = "mse"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    epochs: int = 20
+    batch_size: int = 128
+    lambda_H1: float = 5e-6
+    lambda_W: float | tuple[float, ...] = 5e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    checkpoint_every: int = 1
+    feature_epochs: tuple[int, ...] = field(default_factory=lambda: (1,))
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("arch", ("mlp", "resnet20", "resnet18")), ("loss", ("mse", "mse_pm1", "ce")),
+                             ("optimizer", ("sgd", "adam")), ("schedule", ("constant", "cosine", "step"))):
+            _check_choice(self, key, allowed)
+        lam = self.lambda_W
+        object.__setattr__(self, "lambda_W", lam if isinstance(lam, float | int) else tuple(lam))
+        object.__setattr__(self, "mlp_widths", tuple(self.mlp_widths))
+        object.__setattr__(self, "feature_epochs", tuple(self.feature_epochs))
+        try:
+            lambda_vector(self.lambda_W, self.head_layers + 1)
+        except ValueError as e:
+            raise ValueError(f"lambda_W: {e} (L = head_layers + 1 = {self.head_layers + 1})") from e
+        bad = [e for e in self.feature_epochs if not 0 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"feature_epochs: {bad} outside 0..{self.epochs} (epochs)")
+
+    @property
+    def L(self) -> int:
+        """Weight layers of the head in DUFM terms."""
+        return self.head_layers + 1
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> NetConfig:
+        """Build from a resolved run of dnc.config.expand_network_runs (extra keys are ignored)."""
+        return _from_settings(cls, settings, device)
+
+    def resume_key(self) -> dict:
+        """Settings that must match for a checkpoint to be resumed (device may differ)."""
+        d = asdict(self)
+        d.pop("device")
+        return d
