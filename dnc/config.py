@@ -56,27 +56,19 @@ def format_value(v: Any) -> str:
 
 
 def _resolve(exp: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Apply the lambda shorthand and check per-layer lambda_W lengths; key-naming errors."""
+    """Apply the lambda shorthand and check that the required keys are set (the settings dataclass
+    checks the values, per-layer lengths included, in _validate)."""
     v = dict(values)
-    where = f"dufm.experiments.{exp}"
     if "lambda" in v:
         lam = v.pop("lambda")
         v["lambda_H1"], v["lambda_W"] = lam, lam
     missing = [k for k in required_keys(DUFMConfig) if k not in v]
     if missing:
-        raise ConfigError(f"{where}: missing {missing} (set them in dufm.defaults or in the experiment)")
+        raise ConfigError(f"dufm.experiments.{exp}: missing {missing} (set them in dufm.defaults or in "
+                          f"the experiment)")
     lw = v["lambda_W"]
-    if isinstance(lw, list):
-        if len(lw) != v["L"]:
-            raise ConfigError(f"{where}.lambda_W: {len(lw)} values for L = {v['L']} layers; "
-                              f"give one number or exactly L")
-        v["lambda_W"] = [float(x) for x in lw]
-    else:
-        v["lambda_W"] = float(lw)
+    v["lambda_W"] = [float(x) for x in lw] if isinstance(lw, list) else float(lw)
     v["lambda_H1"] = float(v["lambda_H1"])
-    for key in ("lambda_H1", "lr"):
-        if v[key] <= 0:
-            raise ConfigError(f"{where}.{key}: must be positive, got {v[key]}")
     return v
 
 

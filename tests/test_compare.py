@@ -81,3 +81,48 @@ def test_always_structure_compares_layers_even_off_optimum(tmp_path):
     norm = comp[(comp["quantity"] == "class-mean norm") & (comp["representation"] == "output")].iloc[0]
     assert norm["measured"] == pytest.approx(0.9 * opt.scale) and norm["pass"] is False
     assert comp.loc[comp["quantity"] == "nc1_pinv", "pass"].all()
+
+
+def _head_at(tmp_path, K, n, lam, norms, scale_last=1.0):
+    """A network head that is an exact DNC point (scaled classifier when scale_last != 1): its
+    objective per epoch, its metrics at epoch 7 (train split) and its weights."""
+    from dnc.nets.extract import head_objective
+
+    L, d = len(norms) - 1, 6
+    state = dnc_construction(K, L, n, d, list(norms))
+    state.W[-1] = state.W[-1] * scale_last
+    cols, y, pred = feature_columns(state)
+    write_features(tmp_path / "f.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
+    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
+    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
+    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
+    objective = pd.DataFrame([{"epoch": 1, **terms, "loss": 10.0}, {"epoch": 7, **terms}])
+    return objective, metrics, weights
+
+
+def test_network_head_at_the_optimum_is_recovered_and_a_detuned_one_is_not(tmp_path):
+    from dnc.nets.compare import compare_network, head_settings
+
+    K, n, lam = 3, 10, 5e-3
+    settings = head_settings(K, K * n, head_layers=2, lambda_H1=lam, lambda_W=lam)
+    assert settings == {"K": 3, "L": 3, "n": 10.0, "lambda_H1": lam, "lambda_W": lam}
+    opt = dnc_optimum(K, 3, n, lam, lam)
+    _, verdict = compare_network("net", settings, *_head_at(tmp_path, K, n, lam, opt.mean_norms))
+    v = verdict.iloc[0]
+    assert v["recovered_dufm_optimum"] and v["epoch"] == 7 and v["structure_failed"] == 0
+    assert v["verdict_text"].startswith("recovered DUFM-optimal features: objective +0.0% vs L_DNC")
+    _, verdict = compare_network("net", settings,
+                                 *_head_at(tmp_path, K, n, lam, opt.mean_norms, scale_last=1.5))
+    v = verdict.iloc[0]
+    assert not v["recovered_dufm_optimum"]
+    gap = f"{v['rel_gap']:+.1%}"
+    assert v["verdict_text"].startswith(f"did not recover DUFM-optimal features: objective {gap}")
+    assert v["structure_failed"] > 0
+
+
+def test_network_head_settings_keep_n_exact_for_unbalanced_splits():
+    from dnc.nets.compare import head_settings
+
+    s = head_settings(10, 1437, head_layers=3, lambda_H1=1e-5, lambda_W=2e-3)
+    assert s["n"] == pytest.approx(143.7) and s["L"] == 4
+    assert dnc_optimum(s["K"], s["L"], s["n"], 1e-5, 2e-3).P == pytest.approx(143.7 * 1e-5 * 2e-3**4)

@@ -38,7 +38,7 @@ def test_per_layer_lambda_in_grid():
 
 
 def test_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"dufm.experiments.e.lambda_W: 2 values for L = 3"):
+    with pytest.raises(ConfigError, match=r"dufm.experiments.e \(run e-s0\): lambda_W: 2 values for L = 3"):
         runs({"e": {"lambda_W": [1e-3, 1e-3]}})
     with pytest.raises(ConfigError, match=r"dufm.experiments.e: give either 'lambda'"):
         runs({"e": {"lambda": 1e-3, "lambda_W": 1e-3}})

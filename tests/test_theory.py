@@ -101,7 +101,7 @@ def test_triangle_ratio_tends_to_r_over_K():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="lambda_W has 2 entries but L = 3"):
+    with pytest.raises(ValueError, match="lambda_W: 2 values for L = 3"):
         dnc_optimum(2, 3, 10, 1e-3, [1e-3, 1e-3])
     with pytest.raises(ValueError, match="K >= 2"):
         dnc_optimum(1, 3, 10, 1e-3, 1e-3)

@@ -180,7 +180,7 @@ def test_inconsistent_lambda_names_the_experiment(tmp_path):
     cfg["dufm"]["experiments"]["other"] = {"L": 3, "lambda_W": [0.1, 0.1]}
     out = snakemake(wd, cfg, "-n")
     assert out.returncode != 0
-    assert "dufm.experiments.other.lambda_W: 2 values for L = 3" in out.stderr + out.stdout
+    assert "dufm.experiments.other (run other-s0): lambda_W: 2 values for L = 3" in out.stderr + out.stdout
 
 
 def test_non_finite_loss_fails_the_job_and_leaves_nothing(tmp_path):

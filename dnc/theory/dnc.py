@@ -31,7 +31,8 @@ def lambda_vector(lambda_W: float | Sequence[float], L: int) -> list[float]:
     else:
         lams = [float(v) for v in lambda_W]
         if len(lams) != L:
-            raise ValueError(f"lambda_W has {len(lams)} entries but L = {L}: give one per layer")
+            raise ValueError(f"lambda_W: {len(lams)} values for L = {L} layers; give one number or one "
+                             f"per layer")
     if any(v <= 0 for v in lams):
         raise ValueError(f"lambda_W must be positive, got {lams}")
     return lams
