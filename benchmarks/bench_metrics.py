@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,30 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from common import machine, sync
 
 from dnc.device import resolve_device
 from dnc.io import iter_feature_chunks, write_features
 from dnc.layout import FeatureColumn
 from dnc.metrics import layer_metrics
 from dnc.metrics.streaming import feature_file_metrics
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(device)}"
-    return text
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, list[float], object]:

@@ -1,0 +1,260 @@
+"""Average gradient outer product (AGOP) of trained networks and the per-layer SVD split.
+
+Definitions, conventions and the meaning of every returned key are in docs/agop.md.
+
+- `network_agop`: (1/n) sum_i J_f(x_i)^T J_f(x_i) with K backward passes per batch.
+- `psd_sqrt`, `nfa_correlation`: the neural feature ansatz (NFA) correlation of W^T W and AGOP^{1/2}.
+- `svd_split`, `layer_split_metrics`: NC1/NC2 of a bias-free Linear+ReLU layer's input, of its right
+  singular projection S V^T Phi, of its output ReLU(W Phi) and of Phi AGOP^{1/2}; the SVD share.
+- `rest_of_network`, `layer_agops`: each layer's input and AGOP for a bias-free Linear+ReLU stack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dnc.linalg import psd_sqrt
+from dnc.metrics import layer_metrics
+
+__all__ = [
+    "network_agop",
+    "psd_sqrt",
+    "nfa_correlation",
+    "svd_split",
+    "svd_share",
+    "layer_split_metrics",
+    "rest_of_network",
+    "layer_agops",
+]
+
+ACC = torch.float64
+REPRESENTATIONS = ("input", "projected", "layer", "agop_projected")
+Readout = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+def network_agop(
+    f: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """AGOP (1/n) sum_i J_f(x_i)^T J_f(x_i) of f over the rows of X (docs/agop.md, "AGOP").
+
+    Row i of f(X) must depend on row i of X only (eval mode: no batch norm statistics, no dropout).
+    For each output c one backward pass of f(x)[:, c].sum() gives every row's gradient of output c,
+    so a batch costs K backward passes instead of one Jacobian per sample.
+
+    Args:
+        f: nn.Module or callable mapping (b, d) to (b, K). An nn.Module is called in eval mode and
+            its previous mode is restored afterwards; a plain callable is called as is (the caller
+            puts any module inside it in eval mode). Parameters get no .grad.
+        X: (n, d) float32 or float64 inputs, CPU or CUDA; f runs in X's dtype.
+        batch_size: rows per forward pass.
+
+    Returns:
+        (d, d) float64 symmetric PSD matrix on X's device.
+    """
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"X must be a non-empty (n, d) tensor, got shape {tuple(X.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n, d = X.shape
+    agop = torch.zeros(d, d, dtype=ACC, device=X.device)
+    # One float64 GEMM over several outputs' gradients is about twice as fast as K thin ones;
+    # the cap keeps the stacked float64 block near 64 MiB whatever K and d are.
+    max_rows = max(batch_size, (64 << 20) // (8 * d))
+    module = f if isinstance(f, nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        # enable_grad: callers often evaluate under torch.no_grad().
+        with torch.enable_grad():
+            for start in range(0, n, batch_size):
+                xb = X[start:start + batch_size].detach().requires_grad_(True)
+                out = f(xb)
+                if out.ndim != 2 or out.shape[0] != xb.shape[0]:
+                    raise ValueError(f"f must map (b, d) to (b, K), got {tuple(out.shape)}")
+                if not out.requires_grad:
+                    continue  # f does not depend on its input: zero Jacobian
+                K = out.shape[1]
+                pending: list[torch.Tensor] = []
+                for c in range(K):
+                    # autograd.grad (not backward) so that parameters never receive .grad.
+                    (g,) = torch.autograd.grad(out[:, c].sum(), xb, retain_graph=c < K - 1,
+                                               allow_unused=True)
+                    if g is not None:
+                        pending.append(g)
+                    if pending and (c == K - 1 or (len(pending) + 1) * xb.shape[0] > max_rows):
+                        G = torch.cat(pending).to(ACC)  # (rows, d): per-sample gradients of some outputs
+                        agop.addmm_(G.T, G)
+                        pending = []
+    finally:
+        if module is not None and was_training:
+            module.train()
+    return agop / n
+
+
+def nfa_correlation(W: torch.Tensor, agop: torch.Tensor, sqrt: bool = True) -> float:
+    """Neural feature ansatz correlation (docs/agop.md, "NFA").
+
+    Pearson correlation of the entries of W^T W and of AGOP^{1/2} (sqrt=True) or AGOP (sqrt=False),
+    each flattened and mean-centred.
+
+    Args:
+        W: (d_out, d_in) layer weight, any float dtype.
+        agop: (d_in, d_in) AGOP of the network with respect to this layer's input.
+        sqrt: compare with AGOP^{1/2} (the paper's version) instead of AGOP.
+
+    Returns:
+        Correlation in [-1, 1]; NaN when either matrix is constant.
+    """
+    W64 = W.detach().to(ACC)
+    M = psd_sqrt(agop) if sqrt else agop.detach().to(ACC)
+    a = (W64.T @ W64).flatten()
+    b = M.to(a.device).flatten()
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else math.nan
+
+
+def svd_split(
+    W: torch.Tensor, Phi: torch.Tensor, agop: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Representations of one bias-free Linear+ReLU layer, split by the SVD W = U S V^T.
+
+    Features are rows, so S V^T Phi is Phi @ V @ diag(S). U has orthonormal columns, so collapse
+    metrics of Phi W^T = (Phi V S) U^T equal those of Phi V S: the step from "projected" to "layer"
+    isolates the ReLU.
+
+    Args:
+        W: (d_out, d_in) weight, any float dtype.
+        Phi: (N, d_in) layer input, on any device.
+        agop: optional (d_in, d_in) AGOP of the network with respect to this layer's input.
+
+    Returns:
+        float64 tensors on Phi's device: "input" (N, d_in) Phi; "projected" (N, r) Phi V S with
+        r = min(d_out, d_in); "layer" (N, d_out) ReLU(Phi W^T); and, when agop is given,
+        "agop_projected" (N, d_in) Phi AGOP^{1/2}.
+    """
+    Phi64 = Phi.detach().to(ACC)
+    W64 = W.detach().to(device=Phi.device, dtype=ACC)
+    if W64.ndim != 2 or Phi64.ndim != 2 or W64.shape[1] != Phi64.shape[1]:
+        raise ValueError(f"need W (d_out, d_in) and Phi (N, d_in), got {tuple(W.shape)}, {tuple(Phi.shape)}")
+    _, S, Vh = torch.linalg.svd(W64, full_matrices=False)
+    out = {"input": Phi64, "projected": (Phi64 @ Vh.T) * S, "layer": torch.relu(Phi64 @ W64.T)}
+    if agop is not None:
+        out["agop_projected"] = Phi64 @ psd_sqrt(agop.to(Phi.device))
+    return out
+
+
+def svd_share(nc1_input: float, nc1_projected: float, nc1_layer: float, log: bool = True) -> float:
+    """Fraction of a layer's NC1 reduction already achieved by S V^T (docs/agop.md, "SVD share").
+
+    log=True: (log a - log p) / (log a - log l); log=False: (a - p) / (a - l), with a, p, l the NC1 of
+    the input, of S V^T Phi and of the layer output. NaN when the layer does not reduce NC1
+    (denominator <= 0) or when a value is not finite and positive (log form) / not finite.
+    Values above 1 mean the ReLU undoes part of the projection's reduction; below 0, S V^T alone
+    raises NC1.
+    """
+    vals = (nc1_input, nc1_projected, nc1_layer)
+    if not all(math.isfinite(v) for v in vals) or (log and min(vals) <= 0):
+        return math.nan
+    a, p, l = (math.log(v) for v in vals) if log else vals
+    return (a - p) / (a - l) if a - l > 0 else math.nan
+
+
+def layer_split_metrics(
+    Phi: torch.Tensor,
+    W: torch.Tensor,
+    labels: torch.Tensor,
+    agop: torch.Tensor | None = None,
+    nc1_key: str = "nc1_trace",
+) -> dict[str, float]:
+    """Collapse metrics of one layer's SVD split, as one flat row (docs/agop.md, "Layer split").
+
+    Args:
+        Phi: (N, d_in) layer input, any float dtype; W: (d_out, d_in) bias-free weight.
+        labels: (N,) integer classes.
+        agop: optional (d_in, d_in) AGOP with respect to this layer's input (adds the
+            "agop_projected" representation and the NFA correlations).
+        nc1_key: NC1 form used by the shares, "nc1_trace" (tr S_W / tr S_B, default, as in the
+            reference numbers) or "nc1_pinv" (tr(S_W S_B^+)/K).
+
+    Returns:
+        {"<metric>_<rep>": float} for metric in nc1_pinv, nc1_trace, nc2_etf, nc2_orth and rep in
+        input, projected, layer (and agop_projected); "svd_share" (log form), "svd_share_linear",
+        "share_nc1" (1.0 = trace, 0.0 = pinv), and "nfa_sqrt", "nfa_plain" when agop is given.
+    """
+    if nc1_key not in ("nc1_trace", "nc1_pinv"):
+        raise ValueError(f"nc1_key must be 'nc1_trace' or 'nc1_pinv', got {nc1_key!r}")
+    row: dict[str, float] = {}
+    for rep, H in svd_split(W, Phi, agop).items():
+        m = layer_metrics(H, labels)
+        for key in ("nc1_pinv", "nc1_trace", "nc2_etf", "nc2_orth"):
+            row[f"{key}_{rep}"] = m.get(key, math.nan)
+    nc1 = [row[f"{nc1_key}_{rep}"] for rep in REPRESENTATIONS[:3]]
+    row["svd_share"] = svd_share(*nc1, log=True)
+    row["svd_share_linear"] = svd_share(*nc1, log=False)
+    row["share_nc1"] = 1.0 if nc1_key == "nc1_trace" else 0.0
+    if agop is not None:
+        row["nfa_sqrt"] = nfa_correlation(W, agop, sqrt=True)
+        row["nfa_plain"] = nfa_correlation(W, agop, sqrt=False)
+    return row
+
+
+def rest_of_network(
+    weights: Sequence[torch.Tensor], readout: Readout, layer: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from the input of layer `layer` (0-based) to the K outputs of a bias-free stack.
+
+    The stack is h -> ReLU(h W_l^T) for W_l in weights, then the readout: a (K, d_m) matrix
+    (h -> h R^T) or any row-wise callable. Weights are detached: the AGOP needs input gradients only.
+
+    Returns:
+        Callable (b, d_layer) -> (b, K) in the dtype/device of the weights.
+    """
+    if not 0 <= layer < len(weights):
+        raise ValueError(f"layer must be in [0, {len(weights)}), got {layer}")
+    tail = [w.detach() for w in weights[layer:]]
+    head = (lambda h: h @ readout.detach().T) if isinstance(readout, torch.Tensor) else readout
+
+    def rest(h: torch.Tensor) -> torch.Tensor:
+        for w in tail:
+            h = torch.relu(h @ w.T)
+        return head(h)
+
+    return rest
+
+
+def layer_agops(
+    weights: Sequence[torch.Tensor],
+    readout: Readout,
+    X: torch.Tensor,
+    batch_size: int = 512,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's input Phi_l and its AGOP through the rest of a bias-free Linear+ReLU stack.
+
+    Args:
+        weights: W_1..W_m, W_l of shape (d_l, d_{l-1}), applied as h -> ReLU(h W_l^T).
+        readout: (K, d_m) matrix or row-wise callable after the last layer.
+        X: (n, d_0) inputs; cast to the weights' dtype and device.
+        batch_size: rows per forward/backward pass.
+
+    Returns:
+        (phis, agops): phis[l] is the (n, d_l) input of layer l+1 (phis[0] = X) in the weights'
+        dtype; agops[l] the (d_l, d_l) float64 AGOP of rest_of_network(weights, readout, l) over it.
+    """
+    if not weights:
+        raise ValueError("weights must hold at least one layer")
+    w0 = weights[0]
+    h = X.detach().to(device=w0.device, dtype=w0.dtype)
+    phis: list[torch.Tensor] = []
+    with torch.no_grad():
+        for w in weights:
+            phis.append(h)
+            h = torch.relu(h @ w.detach().T)
+    agops = [network_agop(rest_of_network(weights, readout, l), phi, batch_size)
+             for l, phi in enumerate(phis)]
+    return phis, agops

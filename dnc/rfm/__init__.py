@@ -1,0 +1,49 @@
+"""Deep Recursive Feature Machines: kernel AGOP and Deep RFM (see docs/rfm.md).
+
+    from dnc.rfm import kernel_agop, deep_rfm
+    G = kernel_agop(X, Y)                     # (d, d) float64 AGOP of a Laplace kernel machine
+    layers = deep_rfm(X, y, depth=12)         # per layer: .train["input" | "projected" | "mapped"]
+"""
+
+from dnc.linalg import psd_sqrt
+from dnc.rfm.deep import FEATURE_MAPS, REPRESENTATIONS, RFMLayer, deep_rfm, normalize_rows, pm_one_hot
+from dnc.rfm.kernels import (
+    Kernel,
+    agop_from_alpha,
+    as_tensor,
+    fit_kernel_machine,
+    kernel_agop,
+    kernel_matrix,
+    kernel_predict,
+)
+from dnc.rfm.memory import (
+    RFMMemoryError,
+    available_bytes,
+    check_memory,
+    estimate_peak_bytes,
+    max_samples,
+    row_block,
+)
+
+__all__ = [
+    "FEATURE_MAPS",
+    "REPRESENTATIONS",
+    "Kernel",
+    "RFMLayer",
+    "RFMMemoryError",
+    "agop_from_alpha",
+    "as_tensor",
+    "available_bytes",
+    "check_memory",
+    "deep_rfm",
+    "estimate_peak_bytes",
+    "fit_kernel_machine",
+    "kernel_agop",
+    "kernel_matrix",
+    "kernel_predict",
+    "max_samples",
+    "normalize_rows",
+    "pm_one_hot",
+    "psd_sqrt",
+    "row_block",
+]
