@@ -109,7 +109,7 @@ def test_width_padding_and_read_only_arrays():
     "args,match",
     [((4, 4, 5, 1e-3, 1e-3), "r must be >= 5"), ((5, 2, 5, 1e-3, 1e-3), "L must be >= 3"),
      ((5, 3, 0, 1e-3, 1e-3), "n must be >= 1"), ((5, 3, 5, 0.0, 1e-3), "lambda_H"),
-     ((5, 3, 5, 1e-3, [1e-3, 1e-3]), "lambda_W has 2 entries")],
+     ((5, 3, 5, 1e-3, [1e-3, 1e-3]), "lambda_W: 2 values")],
 )
 def test_bad_arguments_are_named(args, match):
     with pytest.raises(ValueError, match=match):
