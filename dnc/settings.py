@@ -13,7 +13,7 @@ from typing import Any
 
 from dnc.theory.dnc import lambda_vector
 
-__all__ = ["DUFMConfig", "NetConfig", "required_keys", "optional_keys"]
+__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "required_keys", "optional_keys"]
 
 DTYPES = ("float64", "float32")
 
@@ -98,9 +98,13 @@ class DUFMConfig:
 class NetConfig:
     """One network training run: backbone -> H_1 -> bias-free DUFM head.
 
-    arch: mlp, resnet20, resnet18. mlp_widths: hidden widths of the MLP backbone; bias, init_gain:
-    its bias switch and init scale. head_layers, head_width: the DUFM head (L = head_layers + 1
-    weight layers). loss: mse, mse_pm1 or ce. optimizer: sgd (with momentum) or adam. schedule:
+    arch: mlp, resnet20, resnet18, or plain (no backbone: H_1 is the flattened input, so the net is
+    a bias-free MLP x -> ReLU(W_1 x) -> ... -> W_L, the AGOP paper's network). mlp_widths: hidden
+    widths of the MLP backbone; bias, init_gain: its bias switch and init scale. head_layers,
+    head_width: the DUFM head (L = head_layers + 1 weight layers). head_init: "dufm" (N(0, 1/width))
+    or "xavier" (Xavier normal with gain head_init_gain; the AGOP paper uses 0.1). agop_samples:
+    training samples used for the per-layer AGOP of the analysis stage (None: all). loss: mse,
+    mse_pm1 or ce. optimizer: sgd (with momentum) or adam. schedule:
     constant, cosine or step (x0.1 at 1/2 and 3/4 of the epochs). lambda_H1: penalty on the
     backbone output, summed over samples as in the DUFM. lambda_W: weight decay per head layer
     (one number or L). weight_decay: ordinary decay of the backbone. feature_epochs: epochs whose
@@ -114,6 +118,8 @@ class NetConfig:
     init_gain: float = 1.0
     head_layers: int = 3
     head_width: int = 64
+    head_init: str = "dufm"
+    head_init_gain: float = 1.0
     loss: str = "mse"
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -127,20 +133,26 @@ class NetConfig:
     seed: int = 0
     checkpoint_every: int = 1
     feature_epochs: tuple[int, ...] = field(default_factory=lambda: (1,))
+    agop_samples: int | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for key, allowed in (("arch", ("mlp", "resnet20", "resnet18")), ("loss", ("mse", "mse_pm1", "ce")),
-                             ("optimizer", ("sgd", "adam")), ("schedule", ("constant", "cosine", "step"))):
+        for key, allowed in (("arch", ("mlp", "resnet20", "resnet18", "plain")),
+                             ("loss", ("mse", "mse_pm1", "ce")), ("optimizer", ("sgd", "adam")),
+                             ("schedule", ("constant", "cosine", "step")), ("head_init", ("dufm", "xavier"))):
             _check_choice(self, key, allowed)
         lam = self.lambda_W
         object.__setattr__(self, "lambda_W", lam if isinstance(lam, float | int) else tuple(lam))
         object.__setattr__(self, "mlp_widths", tuple(self.mlp_widths))
         object.__setattr__(self, "feature_epochs", tuple(self.feature_epochs))
-        try:
-            lambda_vector(self.lambda_W, self.head_layers + 1)
-        except ValueError as e:
-            raise ValueError(f"lambda_W: {e} (L = head_layers + 1 = {self.head_layers + 1})") from e
+        lams = [self.lambda_W] if isinstance(self.lambda_W, float | int) else list(self.lambda_W)
+        if len(lams) not in (1, self.L):
+            raise ValueError(f"lambda_W: {len(lams)} values for L = head_layers + 1 = {self.L} layers; give "
+                             f"one number or one per layer")
+        # Zero is allowed for networks (no weight decay, as in the AGOP paper's MLP); the DUFM
+        # comparison then has no closed form and says so.
+        if min(lams) < 0 or self.lambda_H1 < 0:
+            raise ValueError(f"lambda_W and lambda_H1 must be >= 0, got {lams} and {self.lambda_H1}")
         bad = [e for e in self.feature_epochs if not 0 <= e <= self.epochs]
         if bad:
             raise ValueError(f"feature_epochs: {bad} outside 0..{self.epochs} (epochs)")
@@ -160,3 +172,49 @@ class NetConfig:
         d = asdict(self)
         d.pop("device")
         return d
+
+
+@dataclass(frozen=True)
+class RFMConfig:
+    """One Deep RFM run (docs/rfm.md): a kernel machine's AGOP, then a random feature map, per layer.
+
+    dataset: a key of the config's datasets (prepared like every dataset: standardise there).
+    n: training rows used (None: the whole train split); balanced: take n / K rows of every class
+    instead of the first n. test_n: held-out rows measured (None: the whole test split).
+    depth: layers. feature_map: relu (ReLU(W x), W ~ U(-1/sqrt(d), 1/sqrt(d)), width columns) or
+    cosine (sqrt(2/D) cos(W x + b), W ~ Cauchy(0, gamma), D = d). kernel, bandwidth, ridge: the
+    kernel ridge machine. agop: False is the M = I ablation. dtype: of the kernel computations.
+    write_features: also write every representation of every layer as feature files.
+    """
+
+    dataset: str
+    n: int | None = None
+    balanced: bool = False
+    test_n: int | None = None
+    depth: int = 12
+    feature_map: str = "relu"
+    width: int = 512
+    gamma: float | None = None
+    kernel: str = "laplace"
+    bandwidth: float = 2.0
+    ridge: float = 1e-3
+    agop: bool = True
+    dtype: str = "float64"
+    write_features: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "feature_map", ("relu", "cosine"))
+        _check_choice(self, "kernel", ("laplace", "gaussian"))
+        _check_choice(self, "dtype", DTYPES)
+        if self.feature_map == "cosine" and not self.gamma:
+            raise ValueError("gamma: the cosine feature map needs the Cauchy scale gamma > 0")
+        for key in ("bandwidth", "ridge", "depth", "width"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> RFMConfig:
+        """Build from a resolved run of dnc.config.expand_rfm_runs (extra keys are ignored)."""
+        return _from_settings(cls, settings, device)
