@@ -1,5 +1,5 @@
 # dnc: deep neural collapse benchmark pipeline.
-# DUFM training -> per-layer collapse metrics -> comparison with theory -> aggregated report.
+# DUFM, network and Deep RFM runs -> per-layer collapse metrics -> comparison with theory -> report.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -21,6 +21,7 @@ include: "workflow/rules/dufm.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/theory.smk"
 include: "workflow/rules/nets.smk"
+include: "workflow/rules/rfm.smk"
 include: "workflow/rules/report.smk"
 
 

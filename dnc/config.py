@@ -19,13 +19,14 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from dnc.settings import DUFMConfig, NetConfig, optional_keys, required_keys
+from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
 
-__all__ = ["ConfigError", "expand_dufm_runs", "expand_network_runs", "format_value"]
+__all__ = ["ConfigError", "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs", "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
 NET_KEYS = tuple(f.name for f in fields(NetConfig) if f.name not in ("seed", "device"))
+RFM_KEYS = tuple(f.name for f in fields(RFMConfig) if f.name not in ("seed", "device"))
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -151,4 +152,34 @@ def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                               f"datasets ({sorted(datasets)})")
         _validate(NetConfig, settings, f"{where} (run {rid})")
         runs[rid] = {**{k: settings[k] for k in NET_KEYS}, "seed": seed, "experiment": exp, "grid": point}
+    return runs
+
+
+def expand_rfm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map run id -> resolved Deep RFM run settings (RFM_KEYS, seed, experiment, grid values).
+
+    Same grammar as the other sections (rfm.defaults, rfm.experiments.<name> with grid and seeds);
+    the dataset must be a key of the top-level ``datasets`` mapping.
+    """
+    rfm = config.get("rfm") or {}
+    datasets = config.get("datasets") or {}
+    defaults = dict(rfm.get("defaults") or {})
+
+    def base_of(exp: str, spec: dict, grid: dict) -> dict:
+        unknown = sorted(set(grid) - set(RFM_KEYS))
+        if unknown:
+            raise ConfigError(f"rfm.experiments.{exp}.grid: unknown setting(s) {unknown}; "
+                              f"allowed: {sorted(RFM_KEYS)}")
+        return {**_defaults(RFMConfig), **{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
+
+    runs: dict[str, dict[str, Any]] = {}
+    for exp, rid, seed, point, settings in _grid_runs("rfm", rfm.get("experiments"), defaults, base_of):
+        where = f"rfm.experiments.{exp}"
+        if "dataset" not in settings:
+            raise ConfigError(f"{where}: missing ['dataset'] (a key of datasets)")
+        if settings["dataset"] not in datasets:
+            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
+                              f"datasets ({sorted(datasets)})")
+        _validate(RFMConfig, settings, f"{where} (run {rid})")
+        runs[rid] = {**{k: settings[k] for k in RFM_KEYS}, "seed": seed, "experiment": exp, "grid": point}
     return runs

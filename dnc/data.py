@@ -136,7 +136,7 @@ def _torchvision(spec: DatasetSpec) -> dict[str, Split]:
     return out
 
 
-def _subset(X: np.ndarray, y: np.ndarray, n_per_class: int | None, first_n: int | None) -> Split:
+def subset(X: np.ndarray, y: np.ndarray, n_per_class: int | None, first_n: int | None) -> Split:
     if first_n is not None:
         return X[:first_n], y[:first_n]
     if n_per_class is None:
@@ -161,8 +161,8 @@ def load_splits(spec: DatasetSpec) -> tuple[dict[str, Split], dict[str, np.ndarr
         pos = np.arange(len(y))
         n = spec.n_per_class if split == "train" else spec.test_n_per_class
         first = spec.first_n if split == "train" else None
-        X, _ = _subset(X, y, n, first)
-        pos, y = _subset(pos, y, n, first)
+        X, _ = subset(X, y, n, first)
+        pos, y = subset(pos, y, n, first)
         splits[split], index[split] = (X, y), pos
     if spec.standardize:
         Xtr = splits["train"][0].reshape(len(splits["train"][1]), -1)

@@ -27,6 +27,7 @@ __all__ = [
     "feature_file",
     "weights_file",
     "snapshot_file",
+    "rfm_feature_file",
     "folder_files",
 ]
 
@@ -94,6 +95,12 @@ def weights_file(folder: str | os.PathLike, epoch: int) -> Path:
 def snapshot_file(folder: str | os.PathLike, epoch: int) -> Path:
     """Network parameters at one feature epoch in a run's snapshots folder."""
     return Path(folder) / f"epoch{epoch}.pt"
+
+
+def rfm_feature_file(folder: str | os.PathLike, split: str) -> Path:
+    """Feature file of one split in a Deep RFM run's features folder (all layers, columns
+    l<layer>_<input|projected|mapped>)."""
+    return Path(folder) / f"{split}.parquet"
 
 
 def folder_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:

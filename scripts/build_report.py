@@ -11,8 +11,8 @@ inp, p, out = snakemake.input, snakemake.params, snakemake.output  # noqa: F821
 
 tables = {key: pd.concat([pd.read_parquet(f) for f in inp[key]], ignore_index=True) if inp[key]
           else pd.DataFrame() for key in inp.keys()}
-summary, html = build_report(p.runs, p.net_runs, tables, p.configfiles)
+summary, html = build_report(p.runs, p.net_runs, p.rfm_runs, tables, p.configfiles)
 write_parquet(summary, out.summary)
 with atomic_path(out.html) as tmp:
     tmp.write_text(html, encoding="utf-8")
-log.info("report of %d DUFM and %d network runs", len(p.runs), len(p.net_runs))
+log.info("report of %d DUFM, %d network and %d Deep RFM runs", len(p.runs), len(p.net_runs), len(p.rfm_runs))

@@ -118,11 +118,11 @@ def test_docs_config_states_every_default_as_defined():
     from dnc.dufm.compare import Tolerances
     from dnc.metrics import Convention
     from dnc.nets.compare import NETWORK_TOLERANCES
-    from dnc.settings import DUFMConfig, NetConfig, optional_keys
+    from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
-    for cls, prefix in ((DUFMConfig, ""), (NetConfig, ""), (DatasetSpec, ""), (Convention, "convention."),
-                        (Tolerances, "")):
+    for cls, prefix in ((DUFMConfig, ""), (NetConfig, ""), (RFMConfig, ""), (DatasetSpec, ""),
+                        (Convention, "convention."), (Tolerances, "")):
         for key, value in optional_keys(cls).items():
             if key in ("seed", "device") and cls is not DatasetSpec:
                 continue

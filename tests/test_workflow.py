@@ -40,6 +40,8 @@ TINY = {
                      "feature_epochs": [1, 4], "seeds": [0]},
         "experiments": {"net": {}},
     },
+    "rfm": {"experiments": {"rfm": {"dataset": "blobs", "depth": 3, "width": 32,
+                                    "grid": {"agop": [True, False]}}}},
 }  # metrics and theory sections left out: their documented defaults apply
 
 
@@ -92,12 +94,17 @@ def test_full_run_writes_report_and_tables(finished):
     html = (report / "index.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "Claims tested by this run" in html
     summary = pd.read_parquet(report / "summary.parquet")
-    assert set(summary["run"]) == {"scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0", "net-s0"}
+    assert set(summary["run"]) == {"scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0", "net-s0",
+                                   "rfm-agopTrue-s0", "rfm-agopFalse-s0"}
     for col in ("layer", "representation", "split", "step", "metric", "value", "convention",
                 "K", "L", "lambda_H1", "lambda_W", "seed", "verdict", "L_DNC"):
         assert col in summary.columns, col
-    assert set(summary["verdict"]) <= set(VERDICTS)
-    assert set(summary["kind"]) == {"dufm", "network"}
+    assert set(summary.loc[summary["kind"] != "rfm", "verdict"]) <= set(VERDICTS)
+    assert set(summary["kind"]) == {"dufm", "network", "rfm"}
+    rfm = summary[summary["kind"] == "rfm"]
+    assert set(rfm["representation"]) == {"input", "projected", "mapped"} and set(rfm["layer"]) == {1, 2, 3}
+    assert set(rfm["split"]) == {"train", "test"}
+    assert "Deep Recursive Feature Machines" in html and "Without the AGOP (M = I)" in html
     net = summary[summary["run"] == "net-s0"]
     assert set(net["split"]) == {"train", "test"} and set(net["step"]) == {1, 4}
     assert "Trained networks with a DUFM head" in html
@@ -122,8 +129,9 @@ def test_report_names_every_run_and_verdict_and_summary_is_tidy(finished):
     summary = pd.read_parquet(finished / "results/report/summary.parquet")
     for run in summary["run"].unique():
         assert run in html
-        text = pd.read_parquet(finished / f"results/theory/{run}/verdict.parquet")["verdict_text"].iloc[0]
-        assert text in html
+        if not run.startswith("rfm-"):  # Deep RFM runs have no theory verdict
+            text = pd.read_parquet(finished / f"results/theory/{run}/verdict.parquet")["verdict_text"].iloc[0]
+            assert text in html
     key = ["run", "layer", "representation", "split", "step", "metric"]
     assert not summary.duplicated(key).any()
     tables = finished.glob("results/metrics/*/metrics.parquet")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["claims_table", "CLAIM_TEXT"]
+__all__ = ["claims_table", "claim_row", "CLAIM_TEXT"]
 
 CLAIM_TEXT = {
     "holds": "holds",
@@ -20,7 +20,7 @@ CLAIM_TEXT = {
 }
 
 
-def _claim(claim: str, source: str, runs: list[str], code: str, evidence: str) -> dict:
+def claim_row(claim: str, source: str, runs: list[str], code: str, evidence: str) -> dict:
     return {"claim": claim, "source": source, "runs": len(runs),
             "run ids": ", ".join(runs) if len(runs) <= 6 else ", ".join(runs[:6]) + f", ... ({len(runs)})",
             "verdict": CLAIM_TEXT[code], "code": code, "evidence": evidence}
@@ -43,7 +43,7 @@ def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.Da
     ok = k2[k2["verdict"] == "global_optimum"]
     depths = ", ".join(str(int(x)) for x in sorted(k2["L"].unique()))
     worst = float(k2["rel_gap"].abs().max()) if len(k2) else float("nan")
-    rows.append(_claim(
+    rows.append(claim_row(
         "K = 2: gradient descent reaches the closed-form DNC optimum at every depth",
         "Súkeník et al. 2023, Thm 3", list(k2["run"]), _fraction(len(ok), len(k2)),
         f"{len(ok)} of {len(k2)} runs agree with L_DNC (depths {depths or '-'}; largest |relative gap| "
@@ -56,7 +56,7 @@ def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.Da
     code = _fraction(explained, len(above))
     if code == "holds" and len(at_local) == 0 and (above["regime"] != "zero optimum").any():
         code = "partly"  # zero reached, but no run showed the local minimum the theory predicts
-    rows.append(_claim(
+    rows.append(claim_row(
         "Above the threshold zero is optimal, and a DNC-shaped local minimum exists there",
         "Súkeník et al. 2023, Sec. 4", list(above["run"]), code,
         f"{len(at_zero)} runs end at zero (loss 1/2), {len(at_local)} at the DNC-shaped local minimum, "
@@ -73,7 +73,7 @@ def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.Da
         code = "holds" if len(low) else "does_not_hold"
     else:
         small, code, evidence = multi, "not_tested", "no run with K >= 3 and L >= 3"
-    rows.append(_claim(
+    rows.append(claim_row(
         "K >= 3, L >= 3: low-rank solutions beat DNC at small width", "Súkeník et al. 2024",
         list(multi["run"]), code, evidence))
 
@@ -81,7 +81,7 @@ def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.Da
             else pd.DataFrame(columns=["run", "recovered_dufm_optimum", "rel_gap"]))
     rec = nets[nets["recovered_dufm_optimum"].astype(bool)] if len(nets) else nets
     gaps = ", ".join(f"{g:+.1%}" for g in nets["rel_gap"]) if len(nets) else ""
-    rows.append(_claim(
+    rows.append(claim_row(
         "Trained networks recover DUFM-optimal features in their head", "Súkeník et al. 2023, Sec. 5",
         list(nets["run"]), _fraction(len(rec), len(nets)),
         f"{len(rec)} of {len(nets)} heads within the network tolerances (objective vs L_DNC: {gaps})"

@@ -29,10 +29,14 @@ def config_frame(runs: Mapping[str, Mapping]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_table(config: pd.DataFrame, metrics: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
-    """Tidy metrics with each run's config and verdict columns joined on 'run'."""
-    keep = ["run", "verdict", "L_DNC", "final_loss", "rel_gap", "c_star", "regime", "converged"]
-    out = metrics.merge(config, on="run", how="left").merge(verdicts[keep], on="run", how="left")
+def summary_table(config: pd.DataFrame, metrics: pd.DataFrame,
+                  verdicts: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Tidy metrics with each run's config and verdict columns joined on 'run' (Deep RFM runs have
+    no verdict: pass None)."""
+    out = metrics.merge(config, on="run", how="left")
+    if verdicts is not None:
+        keep = ["run", "verdict", "L_DNC", "final_loss", "rel_gap", "c_star", "regime", "converged"]
+        out = out.merge(verdicts[keep], on="run", how="left")
     return out
 
 

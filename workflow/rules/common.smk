@@ -2,15 +2,17 @@
 import re
 
 import dnc
-from dnc.config import ConfigError, expand_dufm_runs, expand_network_runs
+from dnc.config import ConfigError, expand_dufm_runs, expand_network_runs, expand_rfm_runs
 
 try:
     RUNS = expand_dufm_runs(config)
     NET_RUNS = expand_network_runs(config)
+    RFM_RUNS = expand_rfm_runs(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
-if set(RUNS) & set(NET_RUNS):
-    raise WorkflowError(f"invalid config: run ids used twice: {sorted(set(RUNS) & set(NET_RUNS))}")
+_twice = (set(RUNS) & set(NET_RUNS)) | (set(RUNS) & set(RFM_RUNS)) | (set(NET_RUNS) & set(RFM_RUNS))
+if _twice:
+    raise WorkflowError(f"invalid config: run ids used twice: {sorted(_twice)}")
 
 # Code in the dnc package is invisible to Snakemake's code trigger; its version is passed as a
 # param so that a release bump reruns the stages.
@@ -23,6 +25,7 @@ def alternatives(ids):
 
 DUFM_RUN = alternatives(RUNS)
 NET_RUN = alternatives(NET_RUNS)
+RFM_RUN = alternatives(RFM_RUNS)
 ANY_RUN = alternatives([*RUNS, *NET_RUNS])
 
 
@@ -40,6 +43,14 @@ def net_settings(wildcards):
 
 def net_dataset(wildcards):
     return f"results/datasets/{NET_RUNS[wildcards.run]['dataset']}.parquet"
+
+
+def rfm_settings(wildcards):
+    return RFM_RUNS[wildcards.run]
+
+
+def rfm_dataset(wildcards):
+    return f"results/datasets/{RFM_RUNS[wildcards.run]['dataset']}.parquet"
 
 
 def metrics_inputs(wildcards):

@@ -8,6 +8,8 @@ rule build_report:
         net_metrics=per_run("results/metrics/{run}/metrics.parquet", NET_RUNS),
         net_comparisons=per_run("results/theory/{run}/comparison.parquet", NET_RUNS),
         net_verdicts=per_run("results/theory/{run}/verdict.parquet", NET_RUNS),
+        rfm_metrics=per_run("results/metrics/{run}/metrics.parquet", RFM_RUNS),
+        rfm_layers=per_run("results/rfm/{run}/layers.parquet", RFM_RUNS),
     output:
         summary="results/report/summary.parquet",
         html="results/report/index.html",
@@ -16,6 +18,7 @@ rule build_report:
     params:
         runs=RUNS,
         net_runs=NET_RUNS,
+        rfm_runs=RFM_RUNS,
         configfiles=[str(f) for f in workflow.configfiles],
         version=DNC_VERSION,
     threads: 1

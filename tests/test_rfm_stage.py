@@ -1,0 +1,50 @@
+"""The Deep RFM stage: row selection, tidy metrics from the shared engine, feature columns."""
+
+import numpy as np
+import pytest
+
+from dnc.metrics import layer_metrics
+from dnc.metrics.streaming import TIDY_COLUMNS
+from dnc.rfm.stage import feature_columns, layer_table, rfm_metrics, run_rfm, select_rows
+from dnc.settings import RFMConfig
+
+
+def blobs(rng, K=3, d=6, n=20):
+    y = np.repeat(np.arange(K), n)
+    X = 3 * rng.standard_normal((K, d))[y] + rng.standard_normal((K * n, d))
+    return X.astype(np.float32), y
+
+
+def test_select_rows_first_or_balanced(rng):
+    X, y = blobs(rng)
+    Xs, ys = select_rows(X, y, 9, balanced=False)
+    assert list(ys) == [0] * 9
+    Xs, ys = select_rows(X, y, 9, balanced=True)
+    assert np.bincount(ys).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="n = 100 but the split has only 60 rows"):
+        select_rows(X, y, 100, balanced=False)
+
+
+def test_metrics_are_the_shared_engine_on_each_representation(rng):
+    train, test = blobs(rng), blobs(rng, n=7)
+    cfg = RFMConfig(dataset="x", depth=2, width=16, device="cpu", n=30, balanced=True)
+    layers, labels = run_rfm(cfg, train, test, num_classes=3, progress=False)
+    assert np.bincount(labels["train"]).tolist() == [10, 10, 10] and len(labels["test"]) == 21
+    table = rfm_metrics(layers, labels, "r")
+    assert list(table.columns) == TIDY_COLUMNS and set(table["step"]) == {0}
+    for layer, rep, split in [(1, "input", "train"), (2, "mapped", "test"), (2, "projected", "train")]:
+        reps = layers[layer - 1].train if split == "train" else layers[layer - 1].test
+        expected = layer_metrics(reps[rep], labels[split])["nc1_trace"]
+        got = table[(table["layer"] == layer) & (table["representation"] == rep) & (table["split"] == split)
+                    & (table["metric"] == "nc1_trace")]["value"].item()
+        assert got == pytest.approx(expected, rel=1e-12)
+    info = layer_table(layers, "r")
+    assert list(info["layer"]) == [1, 2] and (info["seconds"] >= 0).all()
+    cols = feature_columns(layers, "test")
+    assert [c.column for c, _ in cols][:3] == ["l1_input", "l1_projected", "l1_mapped"]
+    assert all(v.shape[0] == 21 for _, v in cols)
+
+
+def test_cosine_map_needs_gamma():
+    with pytest.raises(ValueError, match="gamma"):
+        RFMConfig(dataset="x", feature_map="cosine")
