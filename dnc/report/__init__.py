@@ -47,7 +47,7 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
                  f"runs. Metric convention: "
                  f"<code>{esc('; '.join(conventions))}</code> (docs/metrics.md).</p>")
     parts += ["<h2>Claims tested by this run</h2>", table(claims, verdict_col="verdict", code_col="code",
-                                                          text_cols=("claim", "run ids", "evidence"))]
+                                                          text_cols=("claim", "source", "run ids", "evidence"))]
     if not config.empty:
         parts.append(render_dufm_section(config, tables["histories"], tables["metrics"],
                                          tables["comparisons"], tables["verdicts"]))
