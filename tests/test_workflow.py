@@ -217,7 +217,8 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
     n_dufm = 10 * (3 + 4)
-    assert counts["prepare_dataset"] == "2" and counts["train_network"] == "3"
+    assert counts["prepare_dataset"] == "5" and counts["train_network"] == "3"
+    assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1))  # seeds x (mnist, svhn, cifar cos, cifar relu)
     assert counts["train_dufm"] == str(n_dufm) and counts["compare_network"] == "3"
     assert "--gpus" not in out.stdout  # local dry run; the GPU request is a resource:
     assert "gpu=1" in out.stdout
