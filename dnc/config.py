@@ -21,7 +21,8 @@ from typing import Any
 
 from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
 
-__all__ = ["ConfigError", "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs", "format_value"]
+__all__ = ["ConfigError", "dufm_batches", "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs",
+           "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
@@ -107,7 +108,7 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     defaults = dict(dufm.get("defaults") or {})
 
     def base_of(exp: str, spec: dict, grid: dict) -> dict:
-        base = {**_defaults(DUFMConfig), **{k: v for k, v in defaults.items() if k != "seeds"}}
+        base = {**_defaults(DUFMConfig), **{k: v for k, v in defaults.items() if k not in ("seeds", "batch")}}
         explicit = set(spec) | set(grid)
         if "lambda" in explicit and explicit & {"lambda_H1", "lambda_W"}:
             raise ConfigError(f"dufm.experiments.{exp}: give either 'lambda' or "
@@ -116,7 +117,7 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             base.pop("lambda_H1", None), base.pop("lambda_W", None)
         elif explicit & {"lambda_H1", "lambda_W"}:
             base.pop("lambda", None)  # an explicit per-experiment value beats the defaults' shorthand
-        return {**base, **spec}
+        return {**base, **{k: v for k, v in spec.items() if k != "batch"}}
 
     runs: dict[str, dict[str, Any]] = {}
     for exp, rid, seed, point, values in _grid_runs("dufm", dufm.get("experiments"), defaults, base_of):
@@ -183,3 +184,32 @@ def expand_rfm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         _validate(RFMConfig, settings, f"{where} (run {rid})")
         runs[rid] = {**{k: settings[k] for k in RFM_KEYS}, "seed": seed, "experiment": exp, "grid": point}
     return runs
+
+
+SHAPE_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
+
+
+def dufm_batches(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Batch id -> run ids trained together in one job.
+
+    Within an experiment, runs of the same shape (SHAPE_KEYS) are taken in run order and cut into
+    batches of ``batch`` runs (the experiment's key, else dufm.defaults.batch, else 1). A batch of
+    one run has the run id as its id; larger ones are ``<experiment>-<shape index>-b<i>``. A batch
+    reruns as a whole: changing one of its runs retrains the others of the batch too.
+    """
+    dufm = config.get("dufm") or {}
+    default = (dufm.get("defaults") or {}).get("batch", 1)
+    groups: dict[tuple, list[str]] = {}
+    for rid, s in runs.items():
+        groups.setdefault((s["experiment"], *(s[k] for k in SHAPE_KEYS)), []).append(rid)
+    batches: dict[str, list[str]] = {}
+    shapes: dict[str, int] = {}
+    for key, members in groups.items():
+        exp = key[0]
+        size = int(((dufm.get("experiments") or {}).get(exp) or {}).get("batch", default))
+        shape = shapes[exp] = shapes.get(exp, -1) + 1
+        for i in range(0, len(members), size):
+            chunk = members[i:i + size]
+            bid = chunk[0] if size == 1 else f"{exp}-{shape}-b{i // size}"
+            batches[bid] = chunk
+    return batches

@@ -1,8 +1,8 @@
 """Per-layer collapse metrics of a run's feature files, streamed from Parquet.
 
-Output: a tidy table (run, layer, representation, split, step, metric, value, convention); each
-feature file is paired with the weights file of the same step (its NC3). A network run's input is
-its feature folder (dnc.layout), a DUFM run's its features and weights files.
+Output: a tidy table (run, layer, representation, split, step, metric, value, convention) of a
+network run's feature folder (dnc.layout); each feature file is paired with the weights file of the
+same step (its NC3).
 """
 
 from dnc.io import write_parquet
@@ -14,7 +14,7 @@ from dnc.metrics.streaming import files_metrics
 log = configure_logging(snakemake.log[0])  # noqa: F821
 inp, p = snakemake.input, snakemake.params  # noqa: F821
 convention = Convention(**p.convention)
-features, weights = folder_files(inp.folder) if "folder" in inp.keys() else ([inp.features], [inp.weights])
+features, weights = folder_files(inp.folder)
 table = files_metrics(features, weights, run=snakemake.wildcards.run,  # noqa: F821
                       convention=convention, batch_rows=p.batch_rows, device=p.device)
 log.info("%d metric values for %d (step, split, representation) groups", len(table),

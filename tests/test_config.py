@@ -129,3 +129,23 @@ def test_docs_config_states_every_default_as_defined():
             assert f"| `{prefix}{key}` | `{_doc_value(value)}` |" in doc, (cls.__name__, key, value)
     for key, value in NETWORK_TOLERANCES.items():
         assert f"`{key}` `{_doc_value(value)}`" in doc, key
+
+
+def test_batches_group_runs_of_one_shape_in_run_order():
+    from dnc.config import dufm_batches
+
+    cfg = {"dufm": {"defaults": {**DEFAULTS, "batch": 1},
+                    "experiments": {"scan": {"batch": 3, "seeds": [0, 1], "grid": {"width": [8, 16],
+                                                                               "lambda": [0.01, 0.02]}},
+                                    "one": {}}}}
+    runs = expand_dufm_runs(cfg)
+    batches = dufm_batches(cfg, runs)
+    assert batches["one-s0"] == ["one-s0"]
+    scan = {b: r for b, r in batches.items() if b.startswith("scan")}
+    assert sorted(scan) == ["scan-0-b0", "scan-0-b1", "scan-1-b0", "scan-1-b1"]
+    assert scan["scan-0-b0"] == ["scan-width8-lambda0.01-s0", "scan-width8-lambda0.01-s1",
+                                 "scan-width8-lambda0.02-s0"]
+    assert scan["scan-0-b1"] == ["scan-width8-lambda0.02-s1"]
+    assert sorted(r for rs in batches.values() for r in rs) == sorted(runs)
+    for members in batches.values():
+        assert len({runs[r]["width"] for r in members}) == 1

@@ -89,5 +89,5 @@ def test_float32_runs_and_feature_layout():
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="optimizer"):
         small_cfg(optimizer="sgd")
-    with pytest.raises(ValueError, match="lambda_W has 2 entries"):
+    with pytest.raises(ValueError, match="lambda_W: 2 values"):
         small_cfg(lambda_W=[1e-2, 1e-2])

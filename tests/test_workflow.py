@@ -74,8 +74,9 @@ def planned_jobs(wd: Path, config: dict) -> set[tuple[str, str]]:
     return jobs
 
 
-def stage_jobs(run: str) -> set[tuple[str, str]]:
-    return {("train_dufm", run), ("compute_metrics", run), ("compare_theory", run)}
+def stage_jobs(batch: str) -> set[tuple[str, str]]:
+    """The one job of a DUFM batch (training, metrics and theory of its runs)."""
+    return {("dufm_" + re.sub(r"\W", "_", batch), "")}
 
 
 REPORT = {("build_report", ""), ("all", "")}
@@ -217,9 +218,10 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
     n_dufm = 10 * (3 + 4)
+    batch_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_"))
     assert counts["prepare_dataset"] == "5" and counts["train_network"] == "3"
     assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1))  # seeds x (mnist, svhn, cifar cos, cifar relu)
-    assert counts["train_dufm"] == str(n_dufm) and counts["compare_network"] == "3"
+    assert batch_jobs == n_dufm // 10 and counts["compare_network"] == "3"  # batches of 10 runs
     assert "--gpus" not in out.stdout  # local dry run; the GPU request is a resource:
     assert "gpu=1" in out.stdout
 

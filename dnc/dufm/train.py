@@ -1,14 +1,15 @@
 """Full-batch training of a DUFM (plain gradient descent as in the papers; momentum or Adam).
 
 The objective and its gradient live in dnc.dufm.model; this module owns the run's settings, the
-seeded initialisation and the loop (history rows, early stop on the gradient norm).
+seeded initialisation and the loop (history rows, early stop on the gradient norm). train_dufm
+trains one run; train_dufm_batch trains many runs of one shape together in one process with
+batched matrix products over a leading run axis, each run equal to its train_dufm result.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from dnc.settings import DUFMConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DUFMConfig", "TrainResult", "init_dufm", "train_dufm"]
+__all__ = ["DUFMConfig", "TrainResult", "init_dufm", "train_dufm", "train_dufm_batch", "BATCH_KEYS"]
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}  # DUFMConfig.dtype -> torch
 
@@ -42,31 +43,80 @@ def init_dufm(cfg: DUFMConfig, device: torch.device | None = None) -> DUFMState:
     return DUFMState(H1=tensors[0], W=tensors[1:])
 
 
-def _make_step(cfg: DUFMConfig, params: list[torch.Tensor]) -> Callable[[list[torch.Tensor]], None]:
-    """The update rule, applied in place: plain GD, heavy-ball momentum or Adam."""
-    if cfg.optimizer == "gd":
+def _row(step: int, fit: float, sq: list[float], gnorm: float, cfg: DUFMConfig) -> dict[str, float]:
+    """One history row: step, loss, fit, reg_H1, reg_W1..reg_WL, grad_norm (host floats)."""
+    return {"step": step, **combine_terms(fit, sq, cfg.lambda_H1, cfg.lambda_W).row(), "grad_norm": gnorm}
 
-        def step(grads: list[torch.Tensor]) -> None:
-            torch._foreach_add_(params, grads, alpha=-cfg.lr)
 
-        return step
-    if cfg.optimizer == "momentum":
-        buf = [torch.zeros_like(p) for p in params]
+def _finite(row: dict[str, float]) -> bool:
+    return math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
 
-        def step(grads: list[torch.Tensor]) -> None:
-            torch._foreach_mul_(buf, 0.9)
-            torch._foreach_add_(buf, grads)
-            torch._foreach_add_(params, buf, alpha=-cfg.lr)
 
-        return step
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+def _nonfinite_error(run: str, row: dict[str, float], cfg: DUFMConfig) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"run {run!r}: non-finite loss {row['loss']} at step {row['step']} "
+        f"(first seen at this logged step; log_every={cfg.log_every}) "
+        f"(lr={cfg.lr}, optimizer={cfg.optimizer}); lower the learning rate"
+    )
 
-    def step(grads: list[torch.Tensor]) -> None:
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
 
-    return step
+class _Update:
+    """The update rule, applied in place: plain GD, heavy-ball momentum (beta 0.9) or Adam.
+
+    Serves one run (2-D parameters, one lr) and a batch (leading run axis, one lr per run). While
+    all runs share one lr it is a scalar (the GD step is then op for op the one-run step); otherwise
+    a (B, 1, 1) tensor. Adam is written out with the operations of torch.optim.Adam's single-tensor
+    path (betas 0.9, 0.999, eps 1e-8; tests check it bit for bit) because torch.optim.Adam takes one
+    lr per parameter, not per run; the runs of a batch share the step count, hence the bias
+    corrections. keep() drops the rows (and optimizer state) of finished runs.
+    """
+
+    def __init__(self, optimizer: str, lrs: list[float], params: list[torch.Tensor]) -> None:
+        self.optimizer, self.t, self.params, self.lrs = optimizer, 0, params, lrs
+        n_bufs = {"momentum": 1, "adam": 2}.get(optimizer, 0)
+        self.bufs = [[torch.zeros_like(p) for p in params] for _ in range(n_bufs)]
+        self._set_lr()
+
+    def keep(self, rows: list[int], params: list[torch.Tensor]) -> None:
+        """Keep the given rows (positions in the current batch); params are the kept parameters."""
+        idx = torch.tensor(rows, device=params[0].device)
+        self.params, self.lrs = params, [self.lrs[i] for i in rows]
+        self.bufs = [[b[idx] for b in bufs] for bufs in self.bufs]
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        self.lr = self.lrs[0] if len(set(self.lrs)) == 1 else None
+        # float64, so that lr / bias_correction rounds like one run's Python float arithmetic.
+        self.lr64 = torch.tensor(self.lrs, dtype=torch.float64, device=self.params[0].device).view(-1, 1, 1)
+
+    def _descend(self, d: list[torch.Tensor], lr: float | torch.Tensor) -> None:
+        """params -= lr * d; lr a number or a float64 (B, 1, 1) tensor."""
+        if not isinstance(lr, torch.Tensor):
+            torch._foreach_add_(self.params, d, alpha=-lr)
+            return
+        neg = (-lr).to(self.params[0].dtype)
+        for p, x in zip(self.params, d):
+            p.addcmul_(x, neg)  # p + x * (-lr): one lr per run, which alpha= cannot take
+
+    def __call__(self, grads: list[torch.Tensor]) -> None:
+        lr = self.lr if self.lr is not None else self.lr64
+        if self.optimizer == "gd":
+            return self._descend(grads, lr)
+        if self.optimizer == "momentum":
+            torch._foreach_mul_(self.bufs[0], 0.9)
+            torch._foreach_add_(self.bufs[0], grads)
+            return self._descend(self.bufs[0], lr)
+        self.t += 1
+        bc1, bc2_sqrt = 1 - 0.9**self.t, (1 - 0.999**self.t) ** 0.5
+        neg = None if self.lr is not None else (-(self.lr64 / bc1)).to(self.params[0].dtype)
+        for p, g, m, v in zip(self.params, grads, *self.bufs):
+            m.lerp_(g, 1 - 0.9)
+            v.mul_(0.999).addcmul_(g, g, value=1 - 0.999)
+            denom = (v.sqrt() / bc2_sqrt).add_(1e-8)
+            if neg is None:
+                p.addcdiv_(m, denom, value=-(self.lr / bc1))
+            else:  # addcdiv_ evaluates p + (value * m) / denom: the same order, value per run
+                p.add_((m * neg).div_(denom))
 
 
 @dataclass
@@ -97,7 +147,7 @@ def train_dufm(
     state = init_dufm(cfg, device)
     params = state.params()
     Y = targets(cfg.K, cfg.n, params[0].dtype, device)
-    update = _make_step(cfg, params)
+    update = _Update(cfg.optimizer, [cfg.lr], params)
     history: list[dict[str, float]] = []
     converged = False
     bar = tqdm(total=cfg.steps, desc=run, disable=not progress, mininterval=2.0)
@@ -109,14 +159,9 @@ def train_dufm(
             if step % cfg.log_every == 0 or last:
                 # One host sync per logged step, not per step.
                 gnorm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-                terms = combine_terms(float(fit), sq.double().tolist(), cfg.lambda_H1, cfg.lambda_W)
-                row = {"step": step, **terms.row(), "grad_norm": gnorm}
-                if not math.isfinite(row["loss"]) or not math.isfinite(gnorm):
-                    raise NonFiniteLossError(
-                        f"run {run!r}: non-finite loss {row['loss']} at step {step} "
-                        f"(first seen at this logged step; log_every={cfg.log_every}) "
-                        f"(lr={cfg.lr}, optimizer={cfg.optimizer}); lower the learning rate"
-                    )
+                row = _row(step, float(fit), sq.double().tolist(), gnorm, cfg)
+                if not _finite(row):
+                    raise _nonfinite_error(run, row, cfg)
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.10g}", grad=f"{gnorm:.2e}", refresh=False)
                 if cfg.tol > 0 and gnorm < cfg.tol:
@@ -129,3 +174,111 @@ def train_dufm(
             bar.update(1)
     bar.close()
     return TrainResult(state=state, history=history, steps=step, converged=converged)
+
+
+# Settings every run of one batch must share: they fix the tensor shapes, the dtype and the update rule.
+BATCH_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
+
+
+def _batch_device(cfgs: list[DUFMConfig], runs: list[str]) -> torch.device:
+    """Check that the runs can share one batch; return their device."""
+    if len(cfgs) != len(runs):
+        raise ValueError(f"train_dufm_batch: {len(cfgs)} configs but {len(runs)} run names")
+    devices = [resolve_device(c.device) for c in cfgs]
+    for key, values in [(k, [getattr(c, k) for c in cfgs]) for k in BATCH_KEYS] + [("device", devices)]:
+        other = next((i for i, v in enumerate(values) if v != values[0]), None)
+        if other is not None:
+            raise ValueError(
+                f"train_dufm_batch: runs of one batch must share {key!r} (shared: {', '.join(BATCH_KEYS)}, "
+                f"device): run {runs[0]!r} has {key}={values[0]!r}, run {runs[other]!r} has "
+                f"{key}={values[other]!r}")
+    return devices[0]
+
+
+def train_dufm_batch(
+    cfgs: list[DUFMConfig], runs: list[str], progress: bool = True, on_nonfinite: str = "raise"
+) -> list[TrainResult]:
+    """Train several DUFM runs of one shape together; result i equals train_dufm(cfgs[i], runs[i]).
+
+    The runs must share BATCH_KEYS (K, L, n, width, dtype, optimizer) and the device; lr, lambda_H1,
+    lambda_W, init_std, seed, steps, tol and log_every may differ. Each run starts from
+    init_dufm(cfg) (the same seeded draws), the parameters are stacked along a leading run axis
+    (H_1 (B, d, N), W_l (B, d_{l+1}, d_l), dtype cfg.dtype) and every step is one batched call of
+    dnc.dufm.model.gradients (docs/theory.md section 1). A run that reaches its tol or its steps
+    leaves the batch, so it stops updating and costs nothing afterwards; its history rows and
+    TrainResult are those train_dufm writes (equal up to floating-point rounding of the batched
+    kernels, which tests bound by 1e-10).
+
+    Args:
+        on_nonfinite: "raise" (as train_dufm) or "stop": the run leaves the batch with the
+            non-finite row as its last history row and converged=False; the others go on.
+
+    Raises:
+        ValueError: the runs differ in a shared key (the message names it and two runs).
+        NonFiniteLossError: with on_nonfinite="raise", a run's loss became NaN or inf; the message
+            names the run and the step.
+    """
+    from tqdm.auto import tqdm
+
+    if on_nonfinite not in ("raise", "stop"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'stop', got {on_nonfinite!r}")
+    if not cfgs:
+        return []
+    device = _batch_device(cfgs, runs)
+    starts = [init_dufm(c, device) for c in cfgs]
+    state = DUFMState(H1=torch.stack([s.H1 for s in starts]),
+                      W=[torch.stack(ws) for ws in zip(*(s.W for s in starts))])
+    dtype = state.H1.dtype
+
+    def per_run(values: list[float]) -> torch.Tensor:  # (B, 1, 1): broadcasts over each run's matrix
+        return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+
+    lam_H = per_run([c.lambda_H1 for c in cfgs])
+    lam_W = [per_run(list(v)) for v in zip(*(c.lambda_W for c in cfgs))]
+    Y = targets(cfgs[0].K, cfgs[0].n, dtype, device)
+    update = _Update(cfgs[0].optimizer, [c.lr for c in cfgs], state.params())
+    active = list(range(len(cfgs)))  # run index of each row of the batch
+    history: list[list[dict[str, float]]] = [[] for _ in cfgs]
+    results: list[TrainResult | None] = [None] * len(cfgs)
+    bar = tqdm(total=max(c.steps for c in cfgs), desc=f"{len(cfgs)} DUFM runs", disable=not progress,
+               mininterval=2.0)
+    step = next_log = 0  # next_log: the next step at which some active run writes a row
+    with torch.no_grad():
+        while True:
+            grads, fit, sq = gradients(state, Y, lam_H, lam_W)
+            done = []
+            if step == next_log:  # one host sync per step at which some run logs
+                logged = [i for i, r in enumerate(active)
+                          if step % cfgs[r].log_every == 0 or step == cfgs[r].steps]
+                gnorm = torch.sqrt(sum((g.double() ** 2).sum((-2, -1)) for g in grads)).tolist()
+                fits, sqs = fit.double().tolist(), sq.double().tolist()
+                for i in logged:
+                    r, cfg = active[i], cfgs[active[i]]
+                    row = _row(step, fits[i], sqs[i], gnorm[i], cfg)
+                    finite = _finite(row)
+                    if not finite and on_nonfinite == "raise":
+                        raise _nonfinite_error(runs[r], row, cfg)
+                    history[r].append(row)
+                    converged = finite and cfg.tol > 0 and gnorm[i] < cfg.tol
+                    if converged or not finite or step == cfg.steps:
+                        final = DUFMState(H1=state.H1[i].clone(), W=[W[i].clone() for W in state.W])
+                        results[r] = TrainResult(final, history[r], step, converged)
+                        done.append(i)
+            if done:  # drop finished runs from the batch
+                rows = [i for i in range(len(active)) if i not in done]
+                active = [active[i] for i in rows]
+                if not active:
+                    break
+                idx = torch.tensor(rows, device=device)
+                state = DUFMState(H1=state.H1[idx], W=[W[idx] for W in state.W])
+                grads, lam_H, lam_W = [g[idx] for g in grads], lam_H[idx], [lam[idx] for lam in lam_W]
+                update.keep(rows, state.params())
+                bar.set_postfix(active=len(active), refresh=False)
+            if step == next_log:
+                next_log = min(min(step - step % cfgs[r].log_every + cfgs[r].log_every, cfgs[r].steps)
+                               for r in active)
+            update(grads)
+            step += 1
+            bar.update(1)
+    bar.close()
+    return results

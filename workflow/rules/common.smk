@@ -2,12 +2,14 @@
 import re
 
 import dnc
-from dnc.config import ConfigError, expand_dufm_runs, expand_network_runs, expand_rfm_runs
+from dnc.config import ConfigError, dufm_batches, expand_dufm_runs, expand_network_runs, expand_rfm_runs
+from dnc.dufm.batch import run_paths
 
 try:
     RUNS = expand_dufm_runs(config)
     NET_RUNS = expand_network_runs(config)
     RFM_RUNS = expand_rfm_runs(config)
+    DUFM_BATCHES = dufm_batches(config, RUNS)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
 _twice = (set(RUNS) & set(NET_RUNS)) | (set(RUNS) & set(RFM_RUNS)) | (set(NET_RUNS) & set(RFM_RUNS))
@@ -23,18 +25,22 @@ def alternatives(ids):
     return "|".join(map(re.escape, ids)) or "(?!x)x"
 
 
-DUFM_RUN = alternatives(RUNS)
 NET_RUN = alternatives(NET_RUNS)
 RFM_RUN = alternatives(RFM_RUNS)
-ANY_RUN = alternatives([*RUNS, *NET_RUNS])
+
+
+def batch_rule_name(batch):
+    """Rule names are identifiers: dufm_<batch id with other characters as _>."""
+    return "dufm_" + re.sub(r"\W", "_", batch)
+
+
+def per_run_outputs(runs):
+    """Every output file of these DUFM runs (dnc.dufm.batch.run_paths)."""
+    return [f for r in runs for f in run_paths(r).__dict__.values()]
 
 
 wildcard_constraints:
     dataset=alternatives(config.get("datasets", {})),
-
-
-def run_settings(wildcards):
-    return RUNS[wildcards.run]
 
 
 def net_settings(wildcards):
@@ -53,12 +59,6 @@ def rfm_dataset(wildcards):
     return f"results/datasets/{RFM_RUNS[wildcards.run]['dataset']}.parquet"
 
 
-def metrics_inputs(wildcards):
-    """A DUFM run's features and weights files, or a network run's feature folder."""
-    if wildcards.run in RUNS:
-        return {"features": f"results/dufm/{wildcards.run}/features.parquet",
-                "weights": f"results/dufm/{wildcards.run}/weights.parquet"}
-    return {"folder": f"results/nets/{wildcards.run}/features"}
 
 
 def per_run(pattern, runs=None):

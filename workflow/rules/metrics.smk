@@ -1,9 +1,10 @@
-# One metrics rule for every kind of run: metrics_inputs picks the run's feature files.
+# Metrics of a network run's feature folder. DUFM runs are measured inside their batch job
+# (dufm.smk) and Deep RFM runs inside deep_rfm (rfm.smk), by the same library code.
 rule compute_metrics:
     wildcard_constraints:
-        run=ANY_RUN,
+        run=NET_RUN,
     input:
-        unpack(metrics_inputs),
+        folder="results/nets/{run}/features",
     output:
         metrics="results/metrics/{run}/metrics.parquet",
     log:

@@ -1,24 +1,4 @@
-rule compare_theory:
-    wildcard_constraints:
-        run=DUFM_RUN,
-    input:
-        history="results/dufm/{run}/history.parquet",
-        weights="results/dufm/{run}/weights.parquet",
-        metrics="results/metrics/{run}/metrics.parquet",
-    output:
-        comparison="results/theory/{run}/comparison.parquet",
-        verdict="results/theory/{run}/verdict.parquet",
-    log:
-        "logs/compare_theory/{run}.log",
-    params:
-        settings=run_settings,
-        tolerances=config["theory"]["tolerances"],
-        version=DNC_VERSION,
-    threads: 1
-    script:
-        "../../scripts/compare_theory.py"
-
-
+# DUFM runs are compared with theory inside their batch job (dufm.smk).
 rule compare_network:
     wildcard_constraints:
         run=NET_RUN,
