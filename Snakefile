@@ -22,6 +22,7 @@ include: "workflow/rules/metrics.smk"
 include: "workflow/rules/theory.smk"
 include: "workflow/rules/nets.smk"
 include: "workflow/rules/rfm.smk"
+include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
 
 

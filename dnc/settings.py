@@ -16,6 +16,8 @@ from dnc.theory.dnc import lambda_vector
 __all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "required_keys", "optional_keys"]
 
 DTYPES = ("float64", "float32")
+# Network settings read only by the analysis stage: changing them must not retrain.
+ANALYSIS_ONLY = ("agop_samples",)
 
 
 def _check_choice(obj: object, key: str, allowed: tuple[str, ...]) -> None:
@@ -170,7 +172,8 @@ class NetConfig:
     def resume_key(self) -> dict:
         """Settings that must match for a checkpoint to be resumed (device may differ)."""
         d = asdict(self)
-        d.pop("device")
+        for key in ANALYSIS_ONLY + ("device",):
+            d.pop(key)
         return d
 
 

@@ -1,5 +1,8 @@
 """Models, training (determinism, resume after a kill, failures) and the DUFM objective of a net."""
 
+import math
+
+import pandas as pd
 import pytest
 import torch
 
@@ -122,3 +125,65 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     torch.save({"model": {}, "config": _Payload()}, path)
     with pytest.raises(ValueError, match="evil.pt: refused to load"):
         load_checkpoint(path)
+
+
+def test_mlp_dufm_head_draws_are_unchanged():
+    """arch mlp with head_init dufm draws exactly what the DUFM-head network always drew."""
+    from torch import nn
+
+    from dnc.nets.models import MLP
+
+    torch.manual_seed(7)
+    net = build_net("mlp", [1, 12], 5, 8, 2, [16, 10])
+    torch.manual_seed(7)
+    old = [MLP(12, [16, 10], 8).net]
+    lins = [nn.Linear(8, 8, bias=False) for _ in range(2)] + [nn.Linear(8, 5, bias=False)]
+    for lin in lins:
+        nn.init.normal_(lin.weight, std=1.0 / math.sqrt(8))
+    expected = [p for m in old for p in m.parameters()] + [lin.weight for lin in lins]
+    assert len(list(net.parameters())) == len(expected)
+    for p, q in zip(net.parameters(), expected):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_old_checkpoints_without_head_init_restore_with_the_defaults(tmp_path):
+    train_network(cfg(epochs=1, feature_epochs=(1,)), gaussian_data(), tmp_path, 4, progress=False)
+    ck = load_checkpoint(tmp_path / "epoch1.pt")
+    for key in ("head_init", "head_init_gain"):
+        del ck["config"][key]
+    torch.save(ck, tmp_path / "old.pt")
+    old, _ = restore_net(tmp_path / "old.pt")
+    new, _ = restore_net(tmp_path / "epoch1.pt")
+    for p, q in zip(old.parameters(), new.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lam_H1,lam_W", [(0.0, 5e-3), (5e-3, 0.0), (5e-3, [5e-3, 0.0, 5e-3])])
+def test_a_zero_penalty_has_no_dufm_theory(tmp_path, lam_H1, lam_W):
+    from conftest import dnc_construction
+
+    from dnc.dufm.model import feature_columns
+    from dnc.io import write_features
+    from dnc.metrics.streaming import feature_file_metrics
+    from dnc.nets.compare import COMPARISON_COLUMNS, compare_network, head_settings
+    from dnc.theory import dnc_optimum
+
+    K, n, lam = 3, 10, 5e-3
+    state = dnc_construction(K, 2, n, 6, list(dnc_optimum(K, 2, n, lam, lam).mean_norms))
+    cols, y, pred = feature_columns(state)
+    write_features(tmp_path / "f.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
+    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
+    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
+    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
+    objective = pd.DataFrame([{"epoch": 1, **terms, "loss": 10.0}, {"epoch": 7, **terms}])
+    measured = (objective, metrics, weights)
+    normal_c, normal_v = compare_network("net", head_settings(K, K * n, 1, lam, lam), *measured)
+    comparison, verdict = compare_network("net", head_settings(K, K * n, 1, lam_H1, lam_W), *measured)
+    assert comparison.empty and list(comparison.columns) == list(normal_c.columns) == COMPARISON_COLUMNS
+    assert list(verdict.columns) == list(normal_v.columns) and len(verdict) == 1
+    v = verdict.iloc[0]
+    assert v["verdict"] == "no_theory" and not v["recovered_dufm_optimum"]
+    assert "no DUFM theory" in v["verdict_text"] and "closed-form" in v["verdict_text"]
+    assert math.isnan(v["L_DNC"]) and math.isnan(v["rel_gap"]) and v["epoch"] == 7
+    assert v["final_loss"] == pytest.approx(terms["loss"]) and v["min_hidden_rank"] == K
+    assert pd.concat([normal_v, verdict])["verdict"].tolist() == [normal_v["verdict"].iloc[0], "no_theory"]

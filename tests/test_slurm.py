@@ -62,8 +62,8 @@ def test_pipeline_runs_on_slurm_and_requests_the_gpu(tmp_path):
     jobs = subprocess.run(["scontrol", "show", "jobs"], capture_output=True, text=True).stdout
     ours = [b for b in re.split(r"\n(?=JobId=)", jobs) if f"WorkDir={tmp_path}" in b]
     rules = {m.group(1): b for b in ours if (m := re.search(r"Comment=rule_(\w+?)_wildcards", b))}
-    every_rule = {"prepare_dataset", "train_dufm", "compute_metrics", "compare_theory", "train_network",
-                  "extract_features", "compare_network", "build_report"}
+    every_rule = {"prepare_dataset", "dufm_one_s0", "compute_metrics", "train_network", "extract_features",
+                  "compare_network", "analyze_network", "build_report"}
     assert set(rules) == every_rule  # every rule of the DAG ran as a SLURM job
     assert "TresPerJob=gres:gpu:1" in rules["train_network"]
     assert not [r for r in every_rule - {"train_network"} if "TresPerJob=gres:gpu" in rules[r]]

@@ -109,6 +109,9 @@ def test_full_run_writes_report_and_tables(finished):
     net = summary[summary["run"] == "net-s0"]
     assert set(net["split"]) == {"train", "test"} and set(net["step"]) == {1, 4}
     assert "Trained networks with a DUFM head" in html
+    analysis = pd.read_parquet(finished / "results/analysis/net-s0/analysis.parquet")
+    assert set(analysis["representation"]) == {"input", "svd", "layer", "agop", "weights"}
+    assert set(analysis["step"]) == {1, 4} and set(analysis["layer"]) == {1, 2}
     hist = pd.read_parquet(finished / "results/dufm/other-s0/history.parquet")
     assert {"loss", "fit", "reg_H1", "reg_W1", "reg_W2", "reg_W3", "grad_norm"} <= set(hist.columns)
     assert not list(finished.rglob("*.tmp"))
@@ -200,15 +203,17 @@ def test_non_finite_loss_fails_the_job_and_leaves_nothing(tmp_path):
     out = snakemake(wd, cfg)
     assert out.returncode != 0
     assert re.search(r"run 'boom-s0': non-finite loss \S+ at step \d+", out.stdout + out.stderr)
-    assert not list((wd / "results").rglob("*.parquet"))
+    assert not list((wd / "results").glob("*/boom-s0/*.parquet"))  # nothing half-written for the run
 
 
 def test_network_setting_change_reruns_only_the_network_chain(finished):
     cfg = copy.deepcopy(TINY)
     cfg["networks"]["experiments"]["net"] = {"lr": 0.03}
     assert planned_jobs(finished, cfg) == {("train_network", "net-s0"), ("extract_features", "net-s0"),
-                                           ("compute_metrics", "net-s0"),
-                                           ("compare_network", "net-s0")} | REPORT
+                                           ("compute_metrics", "net-s0"), ("compare_network", "net-s0"),
+                                           ("analyze_network", "net-s0")} | REPORT
+    cfg["networks"]["experiments"]["net"] = {"agop_samples": 20}  # analysis only: no retraining
+    assert planned_jobs(finished, cfg) == {("analyze_network", "net-s0")} | REPORT
 
 
 def test_paper_config_plans_the_right_jobs(tmp_path):
@@ -269,6 +274,7 @@ def _killed_then_resumed(tmp_path, cfg) -> tuple[str, pd.DataFrame]:
 def test_killed_training_job_resumes_from_its_checkpoint(tmp_path):
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"] = {}
+    cfg.pop("rfm")
     cfg["datasets"] = {"big": {"name": "gaussian", "standardize": True,
                                "gaussian": {"K": 4, "dim": 64, "separation": 3.0,
                                                                  "n": 1500}}}

@@ -116,7 +116,7 @@ class Objective:
 def combine_terms(fit: float, sq_norms: Sequence[float], lambda_H1: float,
                   lambda_W: float | Sequence[float]) -> Objective:
     """The objective from its fit term and the squared norms [||H_1||^2, ||W_1||^2, ..., ||W_L||^2]."""
-    lams = lambda_vector(lambda_W, len(sq_norms) - 1)
+    lams = lambda_vector(lambda_W, len(sq_norms) - 1, allow_zero=True)
     reg_H = 0.5 * float(lambda_H1) * float(sq_norms[0])
     reg_W = tuple(0.5 * lam * float(s) for lam, s in zip(lams, sq_norms[1:]))
     return Objective(float(fit) + reg_H + sum(reg_W), float(fit), reg_H, reg_W)

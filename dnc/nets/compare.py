@@ -5,10 +5,15 @@ samples, n = N / K (a float when the split is not balanced), depth L = head_laye
 network's lambda_H1 and lambda_W. Its objective (dnc.nets.extract.head_objective) is compared with
 L_DNC and its per-layer structure with the DNC prediction, within network tolerances that are
 looser than the DUFM ones (a network trained by SGD only approaches a stationary point).
+
+Without a penalty (lambda_H1 = 0 or some lambda_W_l = 0, e.g. the AGOP paper's recipe) the DUFM has
+no closed-form optimum (the infimum is 0 and is not attained): the comparison is then empty and the
+verdict is "no_theory".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -16,10 +21,13 @@ import pandas as pd
 
 from dnc.dufm.compare import Tolerances, compare_run
 
-__all__ = ["NETWORK_TOLERANCES", "head_settings", "compare_network"]
+__all__ = ["NETWORK_TOLERANCES", "COMPARISON_COLUMNS", "head_settings", "compare_network"]
 
 # Defaults of theory.network_tolerances: "recovered" means within 10 % in loss and structure.
 NETWORK_TOLERANCES = {"loss_rtol": 0.1, "structure_rtol": 0.1, "collapse_atol": 1e-2, "geometry_atol": 0.1}
+# Columns of dnc.dufm.compare.compare_run's comparison table (docs/schemas.md).
+COMPARISON_COLUMNS = ["run", "quantity", "layer", "representation", "measured", "predicted", "abs_gap",
+                      "rel_gap", "tolerance", "pass", "note"]
 
 
 def head_settings(num_classes: int, num_train: int, head_layers: int, lambda_H1: float,
@@ -45,12 +53,15 @@ def compare_network(run: str, settings: Mapping, objective: pd.DataFrame, metric
     Returns:
         (comparison, verdict) as dnc.dufm.compare.compare_run, the verdict with
         recovered_dufm_optimum (objective AND every structure check within tolerance), epoch, and
-        a text that states the measured gap.
+        a text that states the measured gap. With lambda_H1 = 0 or any lambda_W_l = 0: an empty
+        comparison (same columns) and a "no_theory" verdict (_no_theory).
     """
     tol = Tolerances(**{**NETWORK_TOLERANCES, **(tolerances or {})})
     history = objective.rename(columns={"epoch": "step"}).sort_values("step")
     last = int(history["step"].iloc[-1])
     at_last = metrics[(metrics["step"] == last) & (metrics["split"] == "train")]
+    if _no_penalty(settings):
+        return _no_theory(run, settings, history, at_last)
     comparison, verdict = compare_run(run, settings, history.assign(grad_norm=float("nan")), at_last,
                                       weights, tol, converged=True, always_structure=True)
     v = verdict.iloc[0]
@@ -64,3 +75,33 @@ def compare_network(run: str, settings: Mapping, objective: pd.DataFrame, metric
     verdict["epoch"] = last
     verdict["n"] = float(settings["n"])
     return comparison, verdict
+
+
+def _no_penalty(settings: Mapping) -> bool:
+    lam = settings["lambda_W"]
+    lams = [lam] if isinstance(lam, int | float) else list(lam)
+    return float(settings["lambda_H1"]) == 0 or min(float(v) for v in lams) == 0
+
+
+def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
+               at_last: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Empty comparison and the one-row "no_theory" verdict, with the columns of the normal verdict:
+    measured values where they exist (final_loss, steps, min_hidden_rank), NaN for the theory's."""
+    final = history.iloc[-1]
+    ranks = at_last[(at_last["metric"] == "rank_means") & (at_last["representation"] == "post")
+                    & at_last["layer"].between(2, int(settings["L"]))]["value"]
+    verdict = pd.DataFrame([{
+        "run": run, "verdict": "no_theory",
+        "verdict_text": (f"no DUFM theory to compare with: lambda_H1 = {float(settings['lambda_H1']):g}, "
+                         f"lambda_W = {settings['lambda_W']} (a zero penalty has no closed-form optimum)"),
+        "converged": True, "steps": int(final["step"]), "final_loss": float(final["loss"]),
+        "final_grad_norm": math.nan, "L_DNC": math.nan, "rel_gap": math.nan, "c_star": math.nan,
+        "P": math.nan, "threshold": math.nan, "regime": "no theory", "local_min_loss": math.nan,
+        "L_tri": math.nan, "min_hidden_rank": float(ranks.min()) if len(ranks) else math.nan,
+        "structure_checks": 0, "structure_failed": 0, "recovered_dufm_optimum": False,
+        "epoch": int(final["step"]), "n": float(settings["n"]),
+    }])
+    kinds = {"layer": "int64", "measured": "float64", "predicted": "float64", "abs_gap": "float64",
+             "rel_gap": "float64", "tolerance": "float64"}
+    empty = pd.DataFrame({c: pd.Series(dtype=kinds.get(c, "object")) for c in COMPARISON_COLUMNS})
+    return empty, verdict

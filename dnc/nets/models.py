@@ -1,8 +1,12 @@
-"""Networks with a DUFM-like head: backbone (MLP, ResNet20, ResNet18) -> H_1 -> bias-free head.
+"""Networks with a DUFM-like head: backbone (MLP, ResNet20, ResNet18, or none) -> H_1 -> bias-free head.
 
 The head mirrors the DUFM of docs/theory.md section 1 with L = head_layers + 1 weight layers:
 W_1 .. W_{L-1} are bias-free FC layers of width d each followed by ReLU, W_L is a bias-free linear
 classifier. Representations are named by dnc.layout, like the DUFM feature files.
+
+arch "plain" has no backbone: H_1 is the flattened input and W_1 maps it to the head width, so the
+network is exactly x -> ReLU(W_1 x) -> ... -> ReLU(W_{L-1} .) -> W_L, bias-free, as in the AGOP
+paper (docs/agop.md).
 """
 
 from __future__ import annotations
@@ -93,14 +97,26 @@ def resnet18_small(in_channels: int = 3) -> nn.Module:
 
 
 class DUFMHead(nn.Module):
-    """head_layers bias-free Linear(d, d)+ReLU layers and a bias-free Linear(d, K) classifier."""
+    """head_layers bias-free Linear+ReLU layers (in_dim -> width, then width -> width) and a
+    bias-free Linear(., K) classifier.
 
-    def __init__(self, width: int, head_layers: int, num_classes: int) -> None:
+    init "dufm": N(0, 1/fan_in) for every weight (N(0, 1/width) when in_dim == width, the DUFM
+    head); "xavier": nn.init.xavier_normal_ with the given gain (classifier included).
+    """
+
+    def __init__(self, width: int, head_layers: int, num_classes: int, in_dim: int | None = None,
+                 init: str = "dufm", gain: float = 1.0) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(head_layers))
-        self.classifier = nn.Linear(width, num_classes, bias=False)
+        if init not in ("dufm", "xavier"):
+            raise ValueError(f"head init must be 'dufm' or 'xavier', got {init!r}")
+        dims = [in_dim or width] + [width] * head_layers
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
+        self.classifier = nn.Linear(dims[-1], num_classes, bias=False)
         for lin in [*self.layers, self.classifier]:
-            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(width))
+            if init == "xavier":
+                nn.init.xavier_normal_(lin.weight, gain=gain)
+            else:
+                nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -122,17 +138,23 @@ class DUFMHead(nn.Module):
 
 
 class Net(nn.Module):
-    """backbone -> optional bias-free projection to the head width -> DUFMHead."""
+    """backbone -> optional bias-free projection to the head width -> DUFMHead.
+
+    project=False: no projection; the head's first layer maps backbone_dim to width (arch plain).
+    """
 
     def __init__(self, backbone: nn.Module, backbone_dim: int, width: int, head_layers: int,
-                 num_classes: int) -> None:
+                 num_classes: int, head_init: str = "dufm", head_init_gain: float = 1.0,
+                 project: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
-        self.project = nn.Identity() if backbone_dim == width else nn.Linear(backbone_dim, width, bias=False)
-        self.head = DUFMHead(width, head_layers, num_classes)
+        same = backbone_dim == width or not project
+        self.project = nn.Identity() if same else nn.Linear(backbone_dim, width, bias=False)
+        self.head = DUFMHead(width, head_layers, num_classes, width if project else backbone_dim,
+                             head_init, head_init_gain)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """H_1 rows, (B, width)."""
+        """H_1 rows, (B, d_1): width, or the flattened input for arch plain."""
         return self.project(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +168,17 @@ class Net(nn.Module):
 
 
 def build_net(arch: str, input_shape: list[int], num_classes: int, width: int, head_layers: int,
-              mlp_widths: list[int] | None = None, bias: bool = True, init_gain: float = 1.0) -> Net:
-    """arch: mlp, resnet20 or resnet18; input_shape (C, H, W) or (C, L) of one sample."""
+              mlp_widths: list[int] | None = None, bias: bool = True, init_gain: float = 1.0,
+              head_init: str = "dufm", head_init_gain: float = 1.0) -> Net:
+    """arch: mlp, resnet20, resnet18 or plain; input_shape (C, H, W) or (C, L) of one sample.
+
+    mlp_widths, bias, init_gain: the MLP backbone. head_init ("dufm" or "xavier") and head_init_gain:
+    the head's initialisation (DUFMHead). plain: no backbone and no projection (H_1 = the flattened
+    input, W_1 of shape (width, prod(input_shape))).
+    """
+    if arch == "plain":
+        return Net(nn.Flatten(), math.prod(input_shape), width, head_layers, num_classes, head_init,
+                   head_init_gain, project=False)
     if arch == "mlp":
         backbone, dim = MLP(math.prod(input_shape), list(mlp_widths or []), width, bias, init_gain), width
     elif arch == "resnet20":
@@ -156,5 +187,5 @@ def build_net(arch: str, input_shape: list[int], num_classes: int, width: int, h
         backbone = resnet18_small(input_shape[0])
         dim = backbone.out_dim
     else:
-        raise ValueError(f"unknown arch {arch!r}; choose mlp, resnet20 or resnet18")
-    return Net(backbone, dim, width, head_layers, num_classes)
+        raise ValueError(f"unknown arch {arch!r}; choose mlp, resnet20, resnet18 or plain")
+    return Net(backbone, dim, width, head_layers, num_classes, head_init, head_init_gain)

@@ -35,7 +35,6 @@ from dnc.io import atomic_path
 from dnc.layout import snapshot_file
 from dnc.nets.models import Net, build_net
 from dnc.settings import NetConfig
-from dnc.theory import lambda_vector
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,9 @@ def sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
 
 
 def _optimizer(net: Net, cfg: NetConfig) -> torch.optim.Optimizer:
-    lams = lambda_vector(cfg.lambda_W, cfg.head_layers + 1)
+    # Per-layer decays; zero is allowed here (no weight decay: the AGOP paper's recipe).
+    decay = cfg.lambda_W
+    lams = [float(decay)] * cfg.L if isinstance(decay, float | int) else [float(v) for v in decay]
     head = [{"params": [w], "weight_decay": lam} for w, lam in zip(net.head.weights, lams)]
     rest = [p for n, p in net.named_parameters() if not n.startswith("head.")]
     groups = [{"params": rest, "weight_decay": cfg.weight_decay}, *head]
@@ -123,7 +124,8 @@ def train_network(
     Xtr, ytr = data["train"]
     N = len(ytr)
     net = build_net(cfg.arch, list(Xtr.shape[1:]), num_classes, cfg.head_width, cfg.head_layers,
-                    list(cfg.mlp_widths), cfg.bias, cfg.init_gain).to(dev)
+                    list(cfg.mlp_widths), cfg.bias, cfg.init_gain, cfg.head_init,
+                    cfg.head_init_gain).to(dev)
     opt = _optimizer(net, cfg)
     steps = math.ceil(N / cfg.batch_size)
     sched = _scheduler(opt, cfg, steps)
@@ -187,11 +189,16 @@ def train_network(
 
 
 def restore_net(path: str | Path, device: str = "cpu") -> tuple[Net, dict]:
-    """The network stored in a checkpoint and the checkpoint dict."""
+    """The network stored in a checkpoint and the checkpoint dict (in eval mode, on device).
+
+    Checkpoints written before head_init and head_init_gain existed rebuild with their defaults
+    ("dufm", 1.0), which is how those networks were initialised.
+    """
     ck = load_checkpoint(path, device)
     c = ck["config"]
     net = build_net(c["arch"], ck["input_shape"], ck["num_classes"], c["head_width"], c["head_layers"],
-                    list(c["mlp_widths"]), c["bias"], c["init_gain"])
+                    list(c["mlp_widths"]), c["bias"], c["init_gain"], c.get("head_init", "dufm"),
+                    c.get("head_init_gain", 1.0))
     net.load_state_dict(ck["model"])
     return net.to(device).eval(), ck
 

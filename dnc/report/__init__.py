@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
 from dnc.report.dufm import render_dufm_section
 from dnc.report.networks import render_network_section
@@ -39,31 +40,26 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     if not rfm_config.empty:
         summaries.append(summary_table(rfm_config, tables["rfm_metrics"]).assign(kind="rfm"))
     claims = claims_table(config, tables["verdicts"], net_config, tables["net_verdicts"])
-    claims = pd.concat([claims, rfm_claims_frame(rfm_config, tables["rfm_metrics"])], ignore_index=True)
+    extra = rfm_claims(rfm_config, tables["rfm_metrics"]) + (
+        analysis_claims(tables["analyses"]) if not tables["analyses"].empty else [])
+    claims = pd.concat([claims, pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"],
+                                                        r["evidence"]) for r in extra])], ignore_index=True)
     conventions = sorted({c for key in ("metrics", "net_metrics", "rfm_metrics")
                           if "convention" in tables[key] for c in tables[key]["convention"]})
     parts.append(f"<p class='note'>Config: {esc(', '.join(configfiles) or 'config/config.yaml')}; "
                  f"{len(config)} DUFM runs, {len(net_config)} network runs, {len(rfm_config)} Deep RFM "
                  f"runs. Metric convention: "
                  f"<code>{esc('; '.join(conventions))}</code> (docs/metrics.md).</p>")
-    parts += ["<h2>Claims tested by this run</h2>", table(claims, verdict_col="verdict", code_col="code",
-                                                          text_cols=("claim", "source", "run ids", "evidence"))]
+    parts += ["<h2>Claims tested by this run</h2>",
+              table(claims, verdict_col="verdict", code_col="code",
+                    text_cols=("claim", "source", "run ids", "evidence"))]
     if not config.empty:
         parts.append(render_dufm_section(config, tables["histories"], tables["metrics"],
                                          tables["comparisons"], tables["verdicts"]))
     if not net_config.empty:
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))
+        parts.append(render_analysis_section(tables["analyses"]))
     if not rfm_config.empty:
         parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"]))
     return pd.concat(summaries, ignore_index=True), page(TITLE, parts)
-
-
-def rfm_claims_frame(rfm_config: pd.DataFrame, rfm_metrics: pd.DataFrame) -> pd.DataFrame:
-    """The Deep RFM claims as rows of the claims table."""
-    empty = rfm_config.empty
-    rows = rfm_claims(pd.DataFrame(columns=["run", "dataset", "agop", "seed"]) if empty else rfm_config,
-                      pd.DataFrame(columns=["run", "layer", "representation", "split", "metric", "value"])
-                      if empty else rfm_metrics)
-    return pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"], r["evidence"])
-                         for r in rows])

@@ -30,7 +30,7 @@ tr.fail td{background:#fde2e2}
 .v-below_dnc_low_rank{color:#7a4cc2;font-weight:600}
 .v-dnc_local_minimum,.v-above_dnc,.v-partly{color:#b36b00;font-weight:600}
 .v-not_converged,.v-does_not_hold{color:#b00;font-weight:600}
-.v-not_tested{color:#777}
+.v-not_tested,.v-no_theory{color:#777}
 img{max-width:100%}details{margin:4px 0}.note{color:#555;font-size:13px}
 """
 

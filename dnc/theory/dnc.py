@@ -24,8 +24,11 @@ __all__ = ["DNCOptimum", "dnc_optimum", "dnc_loss", "largest_root", "local_minim
            "lambda_vector"]
 
 
-def lambda_vector(lambda_W: float | Sequence[float], L: int) -> list[float]:
-    """Return the per-layer weight decays (length L) from a number or a length-L sequence."""
+def lambda_vector(lambda_W: float | Sequence[float], L: int, allow_zero: bool = False) -> list[float]:
+    """Return the per-layer weight decays (length L) from a number or a length-L sequence.
+
+    The closed forms need positive decays; allow_zero admits 0 where only the objective is
+    evaluated (a network head trained without weight decay)."""
     if isinstance(lambda_W, int | float):
         lams = [float(lambda_W)] * L
     else:
@@ -33,8 +36,8 @@ def lambda_vector(lambda_W: float | Sequence[float], L: int) -> list[float]:
         if len(lams) != L:
             raise ValueError(f"lambda_W: {len(lams)} values for L = {L} layers; give one number or one "
                              f"per layer")
-    if any(v <= 0 for v in lams):
-        raise ValueError(f"lambda_W must be positive, got {lams}")
+    if any(v < 0 or (v == 0 and not allow_zero) for v in lams):
+        raise ValueError(f"lambda_W must be {'>= 0' if allow_zero else 'positive'}, got {lams}")
     return lams
 
 

@@ -4,6 +4,7 @@ import re
 import dnc
 from dnc.config import ConfigError, dufm_batches, expand_dufm_runs, expand_network_runs, expand_rfm_runs
 from dnc.dufm.batch import run_paths
+from dnc.settings import ANALYSIS_ONLY
 
 try:
     RUNS = expand_dufm_runs(config)
@@ -45,6 +46,12 @@ wildcard_constraints:
 
 def net_settings(wildcards):
     return NET_RUNS[wildcards.run]
+
+
+def net_train_settings(wildcards):
+    """The settings training depends on (not the analysis-only ones), so that changing those
+    reruns only the analysis."""
+    return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in ANALYSIS_ONLY}
 
 
 def net_dataset(wildcards):

@@ -22,7 +22,7 @@ rule train_network:
     log:
         "logs/train_network/{run}.log",
     params:
-        settings=net_settings,
+        settings=net_train_settings,
         # The job's private scratch space (resume after a kill); no other rule reads it.
         resume_dir=lambda w: f"results/nets/{w.run}/resume",
         device=config["device"],
@@ -48,7 +48,7 @@ rule extract_features:
     log:
         "logs/extract_features/{run}.log",
     params:
-        settings=net_settings,
+        settings=net_train_settings,
         device=config["device"],
         version=DNC_VERSION,
     threads: 1

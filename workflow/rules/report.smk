@@ -8,6 +8,7 @@ rule build_report:
         net_metrics=per_run("results/metrics/{run}/metrics.parquet", NET_RUNS),
         net_comparisons=per_run("results/theory/{run}/comparison.parquet", NET_RUNS),
         net_verdicts=per_run("results/theory/{run}/verdict.parquet", NET_RUNS),
+        analyses=per_run("results/analysis/{run}/analysis.parquet", NET_RUNS),
         rfm_metrics=per_run("results/metrics/{run}/metrics.parquet", RFM_RUNS),
         rfm_layers=per_run("results/rfm/{run}/layers.parquet", RFM_RUNS),
     output:

@@ -13,7 +13,7 @@ rule compare_network:
     log:
         "logs/compare_network/{run}.log",
     params:
-        settings=net_settings,
+        settings=net_train_settings,
         tolerances=config["theory"]["network_tolerances"],
         version=DNC_VERSION,
     threads: 1

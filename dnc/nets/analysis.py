@@ -1,0 +1,142 @@
+"""Inside a trained network: which part of each layer collapses the data (docs/agop.md, "Analysis
+of trained networks").
+
+For every bias-free ReLU layer l = 1..L-1 of a network's head (W_l acts on layer l's features, as in
+dnc.layout: H_1 is layer 1; for arch plain H_1 is the flattened input and these are all the hidden
+layers), with input Phi (rows) and W_l = U S V^T, the collapse metrics of four representations:
+
+    input  Phi                 the layer's input
+    svd    Phi V S  (S V^T Phi) the right singular structure (= W Phi up to the isometry U)
+    layer  ReLU(Phi W^T)       the layer's output (= the next layer's input)
+    agop   Phi AGOP_l^{1/2}    AGOP_l: AGOP of the sub-network from layer l's input to the K outputs
+
+and the per-layer scalars (representation "weights") svd_share, svd_share_linear (of that split's
+NC1, trace form) and, once per epoch with split "train", the NFA correlations nfa_sqrt, nfa_plain.
+The AGOP is always taken over training rows (all, or agop_samples of them balanced over classes:
+agop_rows). Everything after the network's H_1 is computed in float64 on the network's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+import torch
+
+from dnc.agop import layer_agops, nfa_correlation, svd_share, svd_split
+from dnc.metrics import Convention, layer_metrics
+from dnc.nets.models import Net
+
+__all__ = ["COLUMNS", "REPRESENTATIONS", "NC_METRICS", "head_stack", "head_inputs", "agop_rows",
+           "network_agops", "analyze_network", "analyze_splits"]
+
+COLUMNS = ["layer", "representation", "split", "step", "metric", "value"]
+# dnc.agop.svd_split key -> representation name in the analysis table
+REPRESENTATIONS = {"input": "input", "projected": "svd", "layer": "layer", "agop_projected": "agop"}
+NC_METRICS = ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth")
+ACC = torch.float64
+
+
+def head_stack(net: Net) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(W_1..W_{L-1}, W_L): the head's bias-free ReLU layers and its classifier, float64, detached."""
+    weights = [w.detach().to(ACC) for w in net.head.weights]
+    return weights[:-1], weights[-1]
+
+
+@torch.no_grad()
+def head_inputs(net: Net, X: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """H_1 = net.features(X) as float64 rows on the net's device, in eval mode and batches."""
+    net.eval()
+    dev = next(net.parameters()).device
+    parts = [net.features(X[i:i + batch].to(dev)).to(ACC) for i in range(0, len(X), batch)]
+    return torch.cat(parts)
+
+
+def agop_rows(y: torch.Tensor, n: int | None) -> torch.Tensor:
+    """Indices of the training rows used for the AGOP, in dataset order.
+
+    n None (or >= N): every row. Otherwise the n rows of lowest rank within their class (ties broken
+    by position): the first n/K rows of every class, as balanced as the class sizes allow.
+    """
+    y = torch.as_tensor(y).cpu()
+    N = len(y)
+    if n is None or n >= N:
+        return torch.arange(N)
+    if n < 1:
+        raise ValueError(f"agop_samples must be >= 1 or None, got {n}")
+    rank = torch.empty(N, dtype=torch.long)
+    for c in y.unique():
+        pos = torch.nonzero(y == c).flatten()
+        rank[pos] = torch.arange(len(pos))
+    order = torch.argsort(rank * N + torch.arange(N))
+    return order[:n].sort().values
+
+
+def network_agops(net: Net, X: torch.Tensor, y: torch.Tensor, agop_samples: int | None = None,
+                  batch_size: int = 512) -> list[torch.Tensor]:
+    """AGOP_l (d_l x d_l, float64) of the map from layer l's input to the K outputs, l = 1..L-1.
+
+    X, y: the training split; the rows agop_rows(y, agop_samples) are used. K backward passes per
+    batch (dnc.agop.layer_agops); the network is evaluated in eval mode.
+    """
+    weights, readout = head_stack(net)
+    if not weights:
+        return []
+    idx = agop_rows(y, agop_samples)
+    _, agops = layer_agops(weights, readout, head_inputs(net, X[idx]), batch_size)
+    return agops
+
+
+def analyze_network(net: Net, X: torch.Tensor, y: torch.Tensor, split: str, step: int,
+                    agop_samples: int | None = None, agops: list[torch.Tensor] | None = None,
+                    convention: Convention | None = None) -> pd.DataFrame:
+    """Tidy rows (COLUMNS) of every head ReLU layer of one network at one epoch, on one split.
+
+    Args:
+        net: a Net (dnc.nets.models); its device is used.
+        X, y: the split's inputs (N, *shape) and labels (N,).
+        split: its name; "train" adds the NFA rows.
+        step: the epoch, written to the step column.
+        agop_samples: training rows for the AGOP when agops is None (then X, y must be the train split).
+        agops: network_agops(net, X_train, y_train, ...) computed once for all splits.
+        convention: of the collapse metrics (dnc.metrics.Convention; default Convention()).
+
+    Returns:
+        DataFrame with columns layer, representation, split, step, metric, value. NaN only where
+        documented: svd_share / svd_share_linear of a layer that does not reduce NC1, and metrics of
+        a representation whose class means coincide (e.g. every unit dead).
+    """
+    if agops is None:
+        if split != "train":
+            raise ValueError(f"split {split!r}: the AGOP is taken over the training split; pass agops="
+                             f"network_agops(net, X_train, y_train)")
+        agops = network_agops(net, X, y, agop_samples)
+    weights, _ = head_stack(net)
+    labels = torch.as_tensor(y)
+    phi = head_inputs(net, X)
+    rows: list[tuple] = []
+    for layer, (W, agop) in enumerate(zip(weights, agops), start=1):
+        reps = svd_split(W, phi, agop)
+        nc1 = {}
+        for key, H in reps.items():
+            m = layer_metrics(H, labels.to(H.device), convention=convention, name=f"layer {layer} {key}")
+            nc1[key] = m["nc1_trace"]
+            rows += [(layer, REPRESENTATIONS[key], split, step, k, m[k]) for k in NC_METRICS]
+        a, p, out = nc1["input"], nc1["projected"], nc1["layer"]
+        rows += [(layer, "weights", split, step, "svd_share", svd_share(a, p, out, log=True)),
+                 (layer, "weights", split, step, "svd_share_linear", svd_share(a, p, out, log=False))]
+        if split == "train":
+            rows += [(layer, "weights", split, step, "nfa_sqrt", nfa_correlation(W, agop, sqrt=True)),
+                     (layer, "weights", split, step, "nfa_plain", nfa_correlation(W, agop, sqrt=False))]
+        phi = reps["layer"]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.astype({"layer": "int64", "step": "int64", "value": "float64"})
+
+
+def analyze_splits(net: Net, splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int,
+                   agop_samples: int | None = None, convention: Convention | None = None) -> pd.DataFrame:
+    """analyze_network on every split of {"train": (X, y), ...} with one AGOP from the train split."""
+    agops = network_agops(net, *splits["train"], agop_samples)
+    frames = [analyze_network(net, X, y, split, step, agops=agops, convention=convention)
+              for split, (X, y) in splits.items()]
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,20 @@
+# Inside trained networks: per head layer, NC1/NC2 of its input, S V^T projection, ReLU output and
+# AGOP projection, the SVD share and the NFA correlation at every feature epoch (docs/agop.md).
+rule analyze_network:
+    wildcard_constraints:
+        run=NET_RUN,
+    input:
+        dataset=net_dataset,
+        snapshots="results/nets/{run}/snapshots",
+    output:
+        analysis="results/analysis/{run}/analysis.parquet",
+    log:
+        "logs/analyze_network/{run}.log",
+    params:
+        settings=net_settings,
+        convention=config["metrics"]["convention"],
+        device=config["device"],
+        version=DNC_VERSION,
+    threads: 1
+    script:
+        "../../scripts/analyze_network.py"
