@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from dnc.io import read_metadata, write_parquet
+from dnc.io import BadInputError, read_metadata, read_table, write_parquet
 
 __all__ = ["DatasetSpec", "load_splits", "prepare_dataset", "read_split", "TORCHVISION"]
 
@@ -198,8 +197,13 @@ def prepare_dataset(spec: DatasetSpec, path: str | os.PathLike) -> dict:
 
 def read_split(path: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """X (N, *shape) float32 and y (N,) int64 of one split, plus the dataset metadata."""
-    meta = read_metadata(path, "dnc:dataset")
-    table = pq.read_table(path, filters=[("split", "==", split)], columns=["label", "pixels"])
+    try:
+        meta = read_metadata(path, "dnc:dataset")
+    except KeyError as e:
+        raise BadInputError(f"{path}: no 'dnc:dataset' metadata: not a dataset file of this version; "
+                            f"delete it and rerun prepare_dataset") from e
+    table = read_table(path, {"label": "int", "pixels": "list", "split": "string"},
+                       filters=[("split", "==", split)])
     if table.num_rows == 0:
         raise ValueError(f"{path}: no rows with split == {split!r}")
     X = table.column("pixels").combine_chunks().flatten().to_numpy().reshape(-1, *meta["shape"])

@@ -24,7 +24,11 @@ import pyarrow.parquet as pq
 from dnc.layout import FeatureColumn
 
 __all__ = [
+    "BadInputError",
     "atomic_path",
+    "open_parquet",
+    "read_table",
+    "read_frame",
     "write_parquet",
     "write_features",
     "read_layout",
@@ -66,9 +70,72 @@ def write_parquet(
         pq.write_table(_with_metadata(table, metadata), tmp)
 
 
+class BadInputError(ValueError):
+    """An input file that cannot be used: unreadable, truncated, or not the schema expected. The
+    message names the file and what is wrong."""
+
+
+def _unreadable(path: str | os.PathLike, e: Exception) -> BadInputError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return BadInputError(f"{os.fspath(path)}: not a readable Parquet file ({first}); it may be "
+                         f"truncated by a crash: delete it and rerun the job that writes it")
+
+
+def open_parquet(path: str | os.PathLike, **kwargs) -> pq.ParquetFile:
+    """pq.ParquetFile(path) whose failures name the file (a missing file stays FileNotFoundError)."""
+    try:
+        return pq.ParquetFile(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from e
+
+
+_KINDS = {"int": pa.types.is_integer, "float": pa.types.is_floating,
+          "string": lambda t: (pa.types.is_string(t) or pa.types.is_large_string(t)
+                               or pa.types.is_string_view(t)),
+          "bool": pa.types.is_boolean,
+          "list": lambda t: pa.types.is_list(t) or pa.types.is_fixed_size_list(t)}
+
+
+def _checked(path: str | os.PathLike, columns: Mapping[str, str] | None) -> pq.ParquetFile:
+    """Open path and check that each of columns (name -> kind: int, float, string, bool, list)
+    exists with that kind, from the schema alone (no data read)."""
+    pf = open_parquet(path)
+    schema = pf.schema_arrow
+    for name, kind in (columns or {}).items():
+        if name not in schema.names:
+            raise BadInputError(f"{os.fspath(path)}: missing column {name!r} (columns: {schema.names}); "
+                                f"written by an older version? delete it and rerun its job")
+        if not _KINDS[kind](schema.field(name).type):
+            raise BadInputError(f"{os.fspath(path)}: column {name!r} has type {schema.field(name).type}, "
+                                f"expected {kind}")
+    return pf
+
+
+def read_table(path: str | os.PathLike, columns: Mapping[str, str] | None = None,
+               **kwargs) -> pa.Table:
+    """Read the given columns (name -> kind, checked as in _checked; all when None) of a Parquet
+    file; every failure names the file and the column. kwargs go to pq.read_table (e.g. filters)."""
+    _checked(path, columns)
+    try:
+        return pq.read_table(path, columns=list(columns) if columns else None, **kwargs)
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from e
+
+
+def read_frame(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Every column of a Parquet file as a DataFrame, after checking columns (name -> kind)."""
+    pf = _checked(path, columns)
+    try:
+        return pf.read().to_pandas()
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from e
+
+
 def read_metadata(path: str | os.PathLike, key: str) -> object:
     """Decode the JSON value stored under key in a Parquet file's metadata (KeyError if absent)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = open_parquet(path).schema_arrow.metadata or {}
     raw = meta.get(key.encode())
     if raw is None:
         raise KeyError(f"{path}: no metadata key {key!r}")
@@ -139,10 +206,13 @@ def iter_feature_chunks(
     groups to about 64 MB). Peak memory is a few row groups' worth, whatever the number of rows:
     pre-buffering is off because it holds whole column chunks (measured: 3x the memory).
     """
-    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+    pf = open_parquet(path, pre_buffer=False, buffer_size=1 << 22)
     names = pf.schema_arrow.names
     if column not in names:
-        raise KeyError(f"{path}: no feature column {column!r}; columns are {names}")
+        raise BadInputError(f"{path}: no feature column {column!r}; columns are {names}")
+    if "label" not in names or not pa.types.is_integer(pf.schema_arrow.field("label").type):
+        raise BadInputError(f"{path}: a feature file needs an integer 'label' column; columns are "
+                            f"{pf.schema_arrow}")
     cols = ["label", column] + (["prediction"] if "prediction" in names else [])
     if batch_rows is None:
         batches = (pf.read_row_group(i, columns=cols) for i in range(pf.num_row_groups))
@@ -175,7 +245,7 @@ def write_weights(path: str | os.PathLike, weights: list[np.ndarray],
 
 def read_weights(path: str | os.PathLike) -> dict[int, np.ndarray]:
     """layer -> (rows, cols) float64 weight matrix."""
-    t = pq.read_table(path).to_pydict()
+    t = read_table(path, {"layer": "int", "rows": "int", "cols": "int", "values": "list"}).to_pydict()
     return {
         layer: np.asarray(v, np.float64).reshape(r, c)
         for layer, r, c, v in zip(t["layer"], t["rows"], t["cols"], t["values"])

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnc.io import (
+    BadInputError,
     atomic_path,
     iter_feature_chunks,
     read_layout,
@@ -42,7 +43,7 @@ def test_feature_roundtrip_chunks_and_layout(tmp_path, rng):
     np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), b)
     assert chunks[0][0].dtype == np.float32
     np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), y[::-1])
-    with pytest.raises(KeyError, match="no feature column 'nope'"):
+    with pytest.raises(BadInputError, match="no feature column 'nope'"):
         next(iter_feature_chunks(path, "nope"))
 
 

@@ -18,15 +18,18 @@ import pyarrow.parquet as pq
 import torch
 
 from dnc.device import resolve_device
-from dnc.io import iter_feature_chunks, read_layout, read_metadata, read_weights
+from dnc.io import iter_feature_chunks, open_parquet, read_layout, read_metadata, read_weights
 from dnc.metrics.accumulators import metrics_from_chunks
 from dnc.metrics.formulas import Convention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["feature_file_metrics", "files_metrics", "TIDY_COLUMNS"]
+__all__ = ["feature_file_metrics", "files_metrics", "TIDY_COLUMNS", "METRICS_COLUMNS"]
 
 TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "value", "convention"]
+# Kinds of the tidy columns, for dnc.io.read_frame checks of a metrics file.
+METRICS_COLUMNS = {"run": "string", "layer": "int", "representation": "string", "split": "string",
+                   "step": "int", "metric": "string", "value": "float"}
 
 
 def feature_file_metrics(
@@ -79,7 +82,7 @@ def feature_file_metrics(
                 yield H, torch.from_numpy(y).to(dev), (
                     None if pred is None else torch.from_numpy(pred).to(dev))
 
-        nbytes = pq.ParquetFile(path).metadata.num_rows * col.dim * _itemsize(path, col.column)
+        nbytes = open_parquet(path).metadata.num_rows * col.dim * _itemsize(path, col.column)
         chunks = _Replay(stream) if nbytes <= cache_mb * 2**20 else stream
 
         name = f"{os.fspath(path)}:{col.column}"
@@ -116,7 +119,7 @@ class _Replay:
 
 
 def _itemsize(path, column: str) -> int:
-    return pq.read_schema(path).field(column).type.value_type.bit_width // 8
+    return open_parquet(path).schema_arrow.field(column).type.value_type.bit_width // 8
 
 
 def _meta(path, key: str, default):
@@ -140,7 +143,7 @@ def files_metrics(features: list[str | os.PathLike], weights: list[str | os.Path
 
 def _num_classes(path: str | os.PathLike) -> int:
     """Largest label + 1, from the row-group statistics when present (no data read)."""
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(path)
     idx = pf.schema_arrow.get_field_index("label")
     top = -1
     for g in range(pf.num_row_groups):
