@@ -2,7 +2,8 @@
 
 Skipped where no idle SLURM node or no executor plugin is present; .ci/run starts the cluster
 first. Each SLURM job costs seconds of polling, so the DAG is tiny: one DUFM run and one network
-run whose training job asks for a GPU (a stand-in gres on the test cluster).
+run whose training job asks for a GPU (a stand-in gres on the test cluster), and one Deep RFM run
+that asks for one too.
 """
 
 import importlib.util
@@ -43,6 +44,8 @@ CONFIG = {
                               "weight_decay": 5e-4, "checkpoint_every": 1, "feature_epochs": [1, 3],
                               "seeds": [0]},
                  "experiments": {"net": {}}},
+    "rfm_resources": {"gpu": 1, "mem_mb": 1000, "runtime": 10, "threads": 1},
+    "rfm": {"experiments": {"rfm": {"dataset": "blobs", "depth": 2, "width": 16}}},
 }
 
 
@@ -57,13 +60,14 @@ def test_pipeline_runs_on_slurm_and_requests_the_gpu(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     summary = pd.read_parquet(tmp_path / "results/report/summary.parquet")
-    assert set(summary["run"]) == {"one-s0", "net-s0"}
+    assert set(summary["run"]) == {"one-s0", "net-s0", "rfm-s0"}
     # Jobs stay visible for MinJobAge (300 s on the test cluster): find this run's jobs.
     jobs = subprocess.run(["scontrol", "show", "jobs"], capture_output=True, text=True).stdout
     ours = [b for b in re.split(r"\n(?=JobId=)", jobs) if f"WorkDir={tmp_path}" in b]
-    rules = {m.group(1): b for b in ours if (m := re.search(r"Comment=rule_(\w+?)_wildcards", b))}
+    rules = {m.group(1): b for b in ours if (m := re.search(r"Comment=rule_(\w+?)(?:_wildcards|\s|$)", b))}
     every_rule = {"prepare_dataset", "dufm_one_s0", "compute_metrics", "train_network", "extract_features",
-                  "compare_network", "analyze_network", "build_report"}
+                  "compare_network", "analyze_network", "deep_rfm", "build_report"}
     assert set(rules) == every_rule  # every rule of the DAG ran as a SLURM job
-    assert "TresPerJob=gres:gpu:1" in rules["train_network"]
-    assert not [r for r in every_rule - {"train_network"} if "TresPerJob=gres:gpu" in rules[r]]
+    gpu_rules = {"train_network", "deep_rfm"}  # the configs give GPUs to these only
+    assert all("TresPerJob=gres:gpu:1" in rules[r] for r in gpu_rules)
+    assert not [r for r in every_rule - gpu_rules if "TresPerJob=gres:gpu" in rules[r]]

@@ -24,7 +24,7 @@ h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ccc
 table{border-collapse:collapse;font-size:12px;margin:8px 0;max-width:100%}
 th,td{border:1px solid #ddd;padding:3px 5px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left;white-space:nowrap}
-td.text{text-align:left;min-width:8em;max-width:28em}
+td.text,td.text:first-child{text-align:left;white-space:normal;min-width:8em;max-width:28em}
 tr.fail td{background:#fde2e2}
 .v-global_optimum,.v-dnc,.v-holds{color:#126b12;font-weight:600}
 .v-below_dnc_low_rank{color:#7a4cc2;font-weight:600}
