@@ -290,3 +290,10 @@ def test_killed_training_job_resumes_from_its_checkpoint(tmp_path):
     reference = pd.read_parquet(clean / "results/nets/slow-s0/history.parquet")
     assert list(resumed["epoch"]) == list(range(1, 13))
     pd.testing.assert_frame_equal(resumed, reference)  # as if never interrupted
+
+
+def test_snakemakes_own_report_holds_the_project_page(finished):
+    out = snakemake(finished, TINY, "--report", str(finished / "snakemake_report.html"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = (finished / "snakemake_report.html").read_text()
+    assert "index.html" in page and "summary.parquet" in page

@@ -12,8 +12,9 @@ rule build_report:
         rfm_metrics=per_run("results/metrics/{run}/metrics.parquet", RFM_RUNS),
         rfm_layers=per_run("results/rfm/{run}/layers.parquet", RFM_RUNS),
     output:
-        summary="results/report/summary.parquet",
-        html="results/report/index.html",
+        summary=report("results/report/summary.parquet", caption="../report/summary.rst",
+                       category="Report"),
+        html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
     log:
         "logs/build_report/report.log",
     params:
