@@ -127,63 +127,49 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def _dataset_runs(config: Mapping[str, Any], section: str, cls: type,
+                  keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Runs of a section whose runs read a dataset (networks, rfm): the section's defaults, the
+    experiments with grid and seeds, grid keys among keys, the dataset a key of ``datasets``, every
+    run checked by building cls."""
+    block = config.get(section) or {}
+    datasets = config.get("datasets") or {}
+    defaults = dict(block.get("defaults") or {})
+
+    def base_of(exp: str, spec: dict, grid: dict) -> dict:
+        unknown = sorted(set(grid) - set(keys))
+        if unknown:
+            raise ConfigError(f"{section}.experiments.{exp}.grid: unknown setting(s) {unknown}; "
+                              f"allowed: {sorted(keys)}")
+        return {**_defaults(cls), **{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
+
+    runs: dict[str, dict[str, Any]] = {}
+    for exp, rid, seed, point, settings in _grid_runs(section, block.get("experiments"), defaults,
+                                                      base_of):
+        where = f"{section}.experiments.{exp}"
+        if "dataset" not in settings:
+            raise ConfigError(f"{where}: missing ['dataset'] (a key of datasets)")
+        if settings["dataset"] not in datasets:
+            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
+                              f"datasets ({sorted(datasets)})")
+        _validate(cls, settings, f"{where} (run {rid})")
+        runs[rid] = {**{k: settings[k] for k in keys}, "seed": seed, "experiment": exp, "grid": point}
+    return runs
+
+
 def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Map run id -> resolved network run settings (NET_KEYS, seed, experiment, grid values).
 
     Same grammar as the DUFM experiments (networks.defaults, networks.experiments.<name> with grid
     and seeds). The dataset must be a key of the top-level ``datasets`` mapping.
     """
-    nets = config.get("networks") or {}
-    datasets = config.get("datasets") or {}
-    defaults = dict(nets.get("defaults") or {})
-
-    def base_of(exp: str, spec: dict, grid: dict) -> dict:
-        unknown = sorted(set(grid) - set(NET_KEYS))
-        if unknown:
-            raise ConfigError(f"networks.experiments.{exp}.grid: unknown setting(s) {unknown}; "
-                              f"allowed: {sorted(NET_KEYS)}")
-        return {**_defaults(NetConfig), **{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
-
-    runs: dict[str, dict[str, Any]] = {}
-    for exp, rid, seed, point, settings in _grid_runs("networks", nets.get("experiments"), defaults,
-                                                      base_of):
-        where = f"networks.experiments.{exp}"
-        if settings["dataset"] not in datasets:
-            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
-                              f"datasets ({sorted(datasets)})")
-        _validate(NetConfig, settings, f"{where} (run {rid})")
-        runs[rid] = {**{k: settings[k] for k in NET_KEYS}, "seed": seed, "experiment": exp, "grid": point}
-    return runs
+    return _dataset_runs(config, "networks", NetConfig, NET_KEYS)
 
 
 def expand_rfm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Map run id -> resolved Deep RFM run settings (RFM_KEYS, seed, experiment, grid values).
-
-    Same grammar as the other sections (rfm.defaults, rfm.experiments.<name> with grid and seeds);
-    the dataset must be a key of the top-level ``datasets`` mapping.
-    """
-    rfm = config.get("rfm") or {}
-    datasets = config.get("datasets") or {}
-    defaults = dict(rfm.get("defaults") or {})
-
-    def base_of(exp: str, spec: dict, grid: dict) -> dict:
-        unknown = sorted(set(grid) - set(RFM_KEYS))
-        if unknown:
-            raise ConfigError(f"rfm.experiments.{exp}.grid: unknown setting(s) {unknown}; "
-                              f"allowed: {sorted(RFM_KEYS)}")
-        return {**_defaults(RFMConfig), **{k: v for k, v in defaults.items() if k != "seeds"}, **spec}
-
-    runs: dict[str, dict[str, Any]] = {}
-    for exp, rid, seed, point, settings in _grid_runs("rfm", rfm.get("experiments"), defaults, base_of):
-        where = f"rfm.experiments.{exp}"
-        if "dataset" not in settings:
-            raise ConfigError(f"{where}: missing ['dataset'] (a key of datasets)")
-        if settings["dataset"] not in datasets:
-            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
-                              f"datasets ({sorted(datasets)})")
-        _validate(RFMConfig, settings, f"{where} (run {rid})")
-        runs[rid] = {**{k: settings[k] for k in RFM_KEYS}, "seed": seed, "experiment": exp, "grid": point}
-    return runs
+    """Map run id -> resolved Deep RFM run settings (RFM_KEYS, seed, experiment, grid values), with
+    the grammar of expand_network_runs."""
+    return _dataset_runs(config, "rfm", RFMConfig, RFM_KEYS)
 
 
 SHAPE_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
