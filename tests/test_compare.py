@@ -13,7 +13,12 @@ from dnc.theory import dnc_optimum
 
 
 def measure(tmp_path, K, L, n, d, lam, norms, grad_norm=0.0):
-    state = dnc_construction(K, L, n, d, list(norms))
+    return measure_state(tmp_path, dnc_construction(K, L, n, d, list(norms)), K, L, n, lam, grad_norm)
+
+
+def measure_state(tmp_path, state, K, L, n, lam, grad_norm=0.0):
+    """(settings, history, metrics, weights) of an explicit DUFM point, measured by the library."""
+    d = state.H1.shape[0]
     cfg = DUFMConfig(K=K, L=L, n=n, width=d, lambda_H1=lam, lambda_W=lam, lr=1.0, steps=1)
     obj = objective_of(state, cfg)
     row = {"step": 100, "loss": obj.loss, "fit": obj.fit, "reg_H1": obj.reg_H1, "grad_norm": grad_norm}
@@ -126,3 +131,83 @@ def test_network_head_settings_keep_n_exact_for_unbalanced_splits():
     s = head_settings(10, 1437, head_layers=3, lambda_H1=1e-5, lambda_W=2e-3)
     assert s["n"] == pytest.approx(143.7) and s["L"] == 4
     assert dnc_optimum(s["K"], s["L"], s["n"], 1e-5, 2e-3).P == pytest.approx(143.7 * 1e-5 * 2e-3**4)
+
+
+def _triangle_state(r, L, n, lam):
+    import torch
+
+    from dnc.dufm.model import DUFMState
+    from dnc.theory import triangle_optimum
+
+    tri = triangle_optimum(r, L, n, lam, lam)
+    return tri, DUFMState(H1=torch.tensor(tri.H1), W=[torch.tensor(W) for W in tri.W])
+
+
+@pytest.mark.parametrize("L", [3, 4])
+def test_triangle_solution_is_low_rank_before_the_relu(tmp_path, L):
+    r, n, lam = 5, 5, 4e-3
+    K = r * (r - 1) // 2
+    tri, state = _triangle_state(r, L, n, lam)
+    settings, history, metrics, weights = measure_state(tmp_path, state, K, L, n, lam)
+    assert history["loss"].iloc[-1] == pytest.approx(tri.loss, rel=1e-12)
+    _, verdict = compare_run("r", settings, history, metrics, weights)
+    v = verdict.iloc[0]
+    opt = dnc_optimum(K, L, n, lam, lam)
+    assert v["verdict"] == "below_dnc_low_rank"
+    assert v["loss_over_L_DNC"] == pytest.approx(tri.loss / opt.loss, rel=1e-12) and v["loss_over_L_DNC"] < 1
+    assert v["loss_over_L_tri"] == pytest.approx(1.0, abs=1e-12)
+    assert v["rank_verdict"] == "low-rank"
+    # Pre-activation class means have rank r at layers 2..L; after the last ReLU the rank is K.
+    pre = metrics[(metrics["metric"] == "rank_means") & (metrics["representation"] == "pre")]
+    assert pre.set_index("layer")["value"].to_dict() == {l: float(r) for l in range(2, L + 1)}
+    assert v["min_hidden_rank_pre"] == r and v["deciding_rank"] == r
+    assert v["deciding_representation"] == "pre" and v["deciding_layer"] == 3
+    assert v["min_hidden_rank_post"] == r == v["min_hidden_rank"]  # post: r at 2..L-1, K at L
+    assert v["rank_verdict_text"] == f"low-rank: rank {r} < K = {K} at layer 3 (pre), loss " \
+        f"{tri.loss / opt.loss:.4f} L_DNC"
+
+
+def test_dnc_solution_has_full_rank_everywhere(tmp_path):
+    K, L, n, lam = 10, 4, 5, 4e-3
+    opt = dnc_optimum(K, L, n, lam, lam)
+    _, verdict = compare_run("r", *measure(tmp_path, K, L, n, 12, lam, opt.mean_norms))
+    v = verdict.iloc[0]
+    assert v["verdict"] == "dnc" and v["rank_verdict"] == "dnc"
+    assert v["loss_over_L_DNC"] == pytest.approx(1.0, abs=1e-12)
+    assert v["loss_over_L_tri"] == pytest.approx(opt.loss / 0.111652, rel=1e-5) and v["loss_over_L_tri"] > 1
+    assert v["min_hidden_rank_pre"] == v["min_hidden_rank_post"] == v["min_hidden_rank"] == K
+    assert v["rank_verdict_text"].startswith(f"dnc: rank K = {K} at every hidden layer")
+
+
+def test_rank_verdict_other_and_missing_l_tri(tmp_path):
+    from dnc.dufm.compare import rank_verdict
+
+    opt = dnc_optimum(3, 3, 10, 5e-3, 5e-3)  # K = 3 is not C(r, 2) with r >= 5: no L_tri
+    norms = list(opt.mean_norms)
+    norms[-1] *= 0.9
+    _, verdict = compare_run("r", *measure(tmp_path, 3, 3, 10, 6, 5e-3, norms))
+    v = verdict.iloc[0]
+    assert v["verdict"] == "above_dnc" and v["rank_verdict"] == "other"
+    assert pd.isna(v["loss_over_L_tri"]) and v["loss_over_L_DNC"] > 1
+    assert "above" in v["rank_verdict_text"]
+    # Below L_DNC at full rank is "other" too; no metrics at all: "other" with the reason.
+    _, _, metrics, _ = measure(tmp_path, 3, 3, 10, 6, 5e-3, opt.mean_norms)
+    assert rank_verdict(3, 3, 0.5 * opt.loss, opt.loss, metrics)["rank_verdict"] == "other"
+    empty = rank_verdict(3, 3, opt.loss, opt.loss, metrics.iloc[:0])
+    assert empty["rank_verdict"] == "other" and "no class-mean rank" in empty["rank_verdict_text"]
+
+
+def test_rank_columns_without_theory_keep_the_verdict_columns(tmp_path):
+    import math
+
+    from dnc.dufm.compare import rank_columns
+
+    opt = dnc_optimum(3, 3, 10, 5e-3, 5e-3)
+    _, verdict = compare_run("r", *measure(tmp_path, 3, 3, 10, 6, 5e-3, opt.mean_norms))
+    metrics = measure(tmp_path, 3, 3, 10, 6, 5e-3, opt.mean_norms)[2]
+    cols = rank_columns(3, 3, 0.1, math.nan, None, metrics)
+    names = list(verdict.columns)
+    assert list(cols) == names[names.index("L_tri") + 1: names.index("structure_checks")]
+    assert cols["rank_verdict"] == "other" and cols["rank_verdict_text"].startswith("other: no L_DNC")
+    assert cols["min_hidden_rank_pre"] == cols["min_hidden_rank_post"] == 3
+    assert math.isnan(cols["loss_over_L_DNC"])

@@ -5,6 +5,9 @@ gaps, tolerance, pass) and a one-row verdict. Predictions that the theory does n
 class-mean angle, the layer-2 pre-activation geometry, see docs/theory.md section 3) appear with
 predicted = NaN and note "not pinned"; what is pinned there (DNC1, equal norms, cosine <= 0) is
 checked instead.
+
+The verdict row also classifies the run by the rank of its class means (rank_verdict, Súkeník et
+al. 2024; docs/theory.md section 4), next to the loss-based verdict code.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pandas as pd
 from dnc.layout import dufm_columns
 from dnc.theory import DNCOptimum, dnc_optimum, local_minimum_structure, triangle_loss
 
-__all__ = ["Tolerances", "compare_run", "is_converged", "VERDICTS"]
+__all__ = ["Tolerances", "compare_run", "is_converged", "rank_columns", "rank_verdict", "VERDICTS",
+           "RANK_VERDICTS"]
 
 VERDICTS = {
     "global_optimum": "agrees with the global optimum",
@@ -29,6 +33,8 @@ VERDICTS = {
     "above_dnc": "above L_DNC at another stationary point",
     "not_converged": "not converged",
 }
+
+RANK_VERDICTS = ("dnc", "low-rank", "other")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,69 @@ def _metric(metrics: pd.DataFrame, layer: int, rep: str, name: str) -> float:
     sel = metrics[(metrics["layer"] == layer) & (metrics["representation"] == rep)
                   & (metrics["metric"] == name)]
     return float(sel["value"].iloc[0]) if len(sel) else math.nan
+
+
+def _nanmin(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return min(finite) if finite else math.nan
+
+
+def _ranks(metrics: pd.DataFrame, L: int) -> list[tuple[int, str, float]]:
+    """(layer, representation, rank_means) of the hidden representations that DNC pins to rank K:
+    pre-activations of layers 3..L, then post-activations of layers 2..L (layer-2 pre-activations
+    are a flat family at DNC, rank K - 1 or K: docs/theory.md section 3)."""
+    reps = [(l, "pre") for l in range(3, L + 1)] + [(l, "post") for l in range(2, L + 1)]
+    return [(l, r, _metric(metrics, l, r, "rank_means")) for l, r in reps]
+
+
+def rank_verdict(K: int, L: int, loss: float, L_DNC: float, metrics: pd.DataFrame,
+                 tol: Tolerances = Tolerances()) -> dict:
+    """Classify a run by its class-mean ranks: "dnc", "low-rank" or "other".
+
+    The ranks used are rank_means (#{sigma_i(M) > means_rank_rtol sigma_1}) of the pre-activations
+    of layers 3..L and the post-activations of layers 2..L; the deciding rank is the smallest of
+    them (the first in that order among equals, so a pre-activation wins a tie).
+
+    - "dnc": |loss - L_DNC| <= loss_rtol L_DNC and every one of those ranks equals K;
+    - "low-rank": loss < (1 - loss_rtol) L_DNC and the deciding rank is below K;
+    - "other": anything else (above L_DNC, below it at full rank, no ranks, L_DNC NaN).
+
+    Convergence is not needed: a loss below L_DNC is itself a certificate. Returns rank_verdict,
+    rank_verdict_text (e.g. "low-rank: rank 5 < K = 10 at layer 3 (pre), loss 0.85 L_DNC"),
+    deciding_rank, deciding_layer and deciding_representation.
+    """
+    ranks = [x for x in _ranks(metrics, L) if np.isfinite(x[2])]
+    ratio = loss / L_DNC if L_DNC > 0 else math.nan  # NaN also when L_DNC is NaN (no theory)
+    layer, rep, rank = min(ranks, key=lambda x: x[2]) if ranks else (math.nan, "", math.nan)
+    at = f"at layer {layer} ({rep})"
+    gap = abs(ratio - 1) <= tol.loss_rtol
+    if not ranks:
+        code, text = "other", "other: no class-mean rank measured"
+    elif not np.isfinite(ratio):
+        code, text = "other", f"other: no L_DNC to compare with, smallest rank {rank:.0f} (K = {K}) {at}"
+    elif gap and rank == K:
+        code, text = "dnc", f"dnc: rank K = {K} at every hidden layer, loss at L_DNC ({ratio - 1:+.1e})"
+    elif ratio < 1 - tol.loss_rtol and rank < K:
+        code, text = "low-rank", f"low-rank: rank {rank:.0f} < K = {K} {at}, loss {ratio:.4f} L_DNC"
+    else:
+        where = "at" if gap else ("below" if ratio < 1 else "above")
+        code = "other"
+        text = f"other: loss {ratio:.4f} L_DNC ({where}), smallest rank {rank:.0f} (K = {K}) {at}"
+    return {"rank_verdict": code, "rank_verdict_text": text, "deciding_rank": rank,
+            "deciding_layer": layer, "deciding_representation": rep}
+
+
+def rank_columns(K: int, L: int, loss: float, L_DNC: float, L_tri: float | None, metrics: pd.DataFrame,
+                 tol: Tolerances = Tolerances()) -> dict:
+    """The verdict columns of the rank analysis, in their order: loss_over_L_DNC, loss_over_L_tri,
+    min_hidden_rank (= post), min_hidden_rank_pre, min_hidden_rank_post (smallest rank_means over
+    layers 2..L) and rank_verdict()'s columns. L_DNC may be NaN and L_tri None (no theory)."""
+    hidden = {rep: _nanmin([_metric(metrics, l, rep, "rank_means") for l in range(2, L + 1)])
+              for rep in ("pre", "post")}
+    return {"loss_over_L_DNC": loss / L_DNC if L_DNC > 0 else math.nan,
+            "loss_over_L_tri": loss / L_tri if L_tri else math.nan,
+            "min_hidden_rank": hidden["post"], "min_hidden_rank_pre": hidden["pre"],
+            "min_hidden_rank_post": hidden["post"], **rank_verdict(K, L, loss, L_DNC, metrics, tol)}
 
 
 def _structure_rows(opt: DNCOptimum, L: int, final: Mapping[str, float], metrics: pd.DataFrame,
@@ -157,7 +226,11 @@ def compare_run(
             loss does not agree (trained networks: how far each layer is from the prediction).
 
     Returns:
-        (comparison, verdict): comparison has one row per checked quantity; verdict one row.
+        (comparison, verdict): comparison has one row per checked quantity; verdict one row with,
+        besides the verdict code: loss_over_L_DNC, loss_over_L_tri (NaN where L_tri is undefined:
+        K not C(r, 2) with r >= 5, or L < 3), min_hidden_rank_pre / min_hidden_rank_post (smallest
+        rank_means over layers 2..L before / after the ReLU; min_hidden_rank is the post one) and
+        the rank classification of rank_verdict() (rank_verdict, rank_verdict_text, deciding_*).
     """
     # n stays a float for networks with N / K not an integer: P = n lambda_H1 ... needs the exact N / K.
     K, L, n = int(settings["K"]), int(settings["L"]), settings["n"]
@@ -199,7 +272,6 @@ def compare_run(
     comparison.insert(0, "run", run)
     structural = comparison[~comparison["quantity"].str.startswith("loss")]
     checked = structural["pass"].dropna()
-    hidden = [_metric(metrics, l, "post", "rank_means") for l in range(2, L + 1)]
     verdict = pd.DataFrame([{
         "run": run,
         "verdict": code,
@@ -217,7 +289,7 @@ def compare_run(
         "regime": opt.regime,
         "local_min_loss": opt.local_loss if opt.zero_optimal else math.nan,
         "L_tri": l_tri if l_tri is not None else math.nan,
-        "min_hidden_rank": min(hidden) if hidden else math.nan,
+        **rank_columns(K, L, loss, opt.loss, l_tri, metrics, tol),
         "structure_checks": int(len(checked)),
         "structure_failed": int((~checked.astype(bool)).sum()),
     }])

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from dnc.dufm.compare import Tolerances, compare_run
+from dnc.dufm.compare import Tolerances, compare_run, rank_columns
 
 __all__ = ["NETWORK_TOLERANCES", "COMPARISON_COLUMNS", "head_settings", "compare_network"]
 
@@ -88,8 +88,6 @@ def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
     """Empty comparison and the one-row "no_theory" verdict, with the columns of the normal verdict:
     measured values where they exist (final_loss, steps, min_hidden_rank), NaN for the theory's."""
     final = history.iloc[-1]
-    ranks = at_last[(at_last["metric"] == "rank_means") & (at_last["representation"] == "post")
-                    & at_last["layer"].between(2, int(settings["L"]))]["value"]
     verdict = pd.DataFrame([{
         "run": run, "verdict": "no_theory",
         "verdict_text": (f"no DUFM theory to compare with: lambda_H1 = {float(settings['lambda_H1']):g}, "
@@ -97,7 +95,8 @@ def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
         "converged": True, "steps": int(final["step"]), "final_loss": float(final["loss"]),
         "final_grad_norm": math.nan, "L_DNC": math.nan, "rel_gap": math.nan, "c_star": math.nan,
         "P": math.nan, "threshold": math.nan, "regime": "no theory", "local_min_loss": math.nan,
-        "L_tri": math.nan, "min_hidden_rank": float(ranks.min()) if len(ranks) else math.nan,
+        "L_tri": math.nan,
+        **rank_columns(int(settings["K"]), int(settings["L"]), float(final["loss"]), math.nan, None, at_last),
         "structure_checks": 0, "structure_failed": 0, "recovered_dufm_optimum": False,
         "epoch": int(final["step"]), "n": float(settings["n"]),
     }])

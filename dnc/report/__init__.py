@@ -8,6 +8,7 @@ import pandas as pd
 from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
 from dnc.report.dufm import render_dufm_section
+from dnc.report.lowrank import render_lowrank_section
 from dnc.report.networks import render_network_section
 from dnc.report.page import esc, page, table
 from dnc.report.rfm import render_rfm_section, rfm_claims
@@ -56,6 +57,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     if not config.empty:
         parts.append(render_dufm_section(config, tables["histories"], tables["metrics"],
                                          tables["comparisons"], tables["verdicts"]))
+        parts.append(render_lowrank_section(config, tables["histories"], tables["metrics"],
+                                            tables["verdicts"]))
     if not net_config.empty:
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))
