@@ -89,7 +89,25 @@ def test_figures_appear_only_for_the_scans_the_config_has(points):
     assert html.count("<img") == 2
 
 
-def test_scans_count_rank_verdicts_per_lambda_and_width(points):
+@pytest.fixture
+def no_png(monkeypatch):
+    """Figures built in full but neither laid out nor rasterised (about a second each)."""
+    import matplotlib.figure
+
+    import dnc.report.dufm
+    import dnc.report.lowrank
+    from dnc.report.page import plt
+
+    def fake(fig):
+        plt.close(fig)
+        return "x"
+
+    monkeypatch.setattr(dnc.report.dufm, "png", fake)
+    monkeypatch.setattr(dnc.report.lowrank, "png", fake)
+    monkeypatch.setattr(matplotlib.figure.Figure, "tight_layout", lambda self, *a, **k: None)
+
+
+def test_scans_count_rank_verdicts_per_lambda_and_width(points, no_png):
     runs = expand_dufm_runs(_config({"lam": {"seeds": [0, 1], "grid": {"lambda": [0.002, 0.004, 0.008]}},
                                      "wid": {"seeds": [0, 1, 2], "grid": {"width": [10, 30, 128]}}}))
     t = _fake(points, runs, lambda s: "dnc" if s["width"] >= 100 or s["lambda_W"] < 3e-3 else "low-rank")
@@ -127,17 +145,7 @@ def test_lowrank_config_is_valid_big_and_batched():
     assert len(ref) == 10 and {(s["width"], s["lr"], s["lambda_W"]) for s in ref} == {(30, 0.5, LAM)}
 
 
-def test_hundreds_of_runs_stay_readable(points, monkeypatch):
-    import dnc.report.dufm
-    import dnc.report.lowrank
-    from dnc.report.page import plt
-
-    def no_png(fig):  # the figures are built in full, only not rasterised (seconds each)
-        plt.close(fig)
-        return "x"
-
-    monkeypatch.setattr(dnc.report.dufm, "png", no_png)
-    monkeypatch.setattr(dnc.report.lowrank, "png", no_png)
+def test_hundreds_of_runs_stay_readable(points, no_png):
     runs = expand_dufm_runs(yaml.safe_load((ROOT / "config" / "lowrank.yaml").read_text()))
     config = config_frame(runs)
     t = _fake(points, runs, lambda s: "low-rank" if s["width"] <= 30 and s["seed"] % 3 else "dnc")

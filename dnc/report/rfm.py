@@ -67,7 +67,7 @@ def rfm_claims(config: pd.DataFrame, metrics: pd.DataFrame) -> list[dict]:
     """Claims rows (claim, source, runs, code, evidence) measured on the Deep RFM runs."""
     f = rfm_factors(config, metrics) if len(config) else pd.DataFrame(
         columns=["run", "agop", "layer", "agop_step", "random_map", "nc1_input"])
-    with_agop, without = f[f["agop"]], f[~f["agop"]]
+    with_agop, without = f[f["agop"].astype(bool)], f[~f["agop"].astype(bool)]
     out = []
     runs = sorted(with_agop["run"].unique())
     falls = [r for r in runs if (np.diff(with_agop[with_agop["run"] == r]["nc1_input"]) < 0).all()]
