@@ -29,6 +29,27 @@ def objective_of(state: DUFMState, cfg: DUFMConfig) -> Objective:
     return objective(state, targets(cfg.K, cfg.n, state.H1.dtype), cfg.lambda_H1, cfg.lambda_W)
 
 
+def dnc_head_tables(tmp_path, K: int, n: int, lam: float, norms, scale_last: float = 1.0):
+    """A network head that is an exact DNC point (its classifier scaled by scale_last): its DUFM
+    objective per epoch (epochs 1 and 7), its metrics at epoch 7 (train split) and its weights."""
+    import pandas as pd
+
+    from dnc.dufm.model import feature_columns
+    from dnc.io import write_features
+    from dnc.metrics.streaming import feature_file_metrics
+    from dnc.nets.extract import head_objective
+
+    state = dnc_construction(K, len(norms) - 1, n, 6, list(norms))
+    state.W[-1] = state.W[-1] * scale_last
+    cols, y, pred = feature_columns(state)
+    write_features(tmp_path / "f.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
+    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
+    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
+    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
+    objective = pd.DataFrame([{"epoch": 1, **terms, "loss": 10.0}, {"epoch": 7, **terms}])
+    return objective, metrics, weights
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)

@@ -2,7 +2,7 @@
 
 import pandas as pd
 import pytest
-from conftest import dnc_construction, objective_of
+from conftest import dnc_construction, dnc_head_tables, objective_of
 
 from dnc.dufm.compare import Tolerances, compare_run, is_converged
 from dnc.dufm.model import feature_columns
@@ -88,23 +88,6 @@ def test_always_structure_compares_layers_even_off_optimum(tmp_path):
     assert comp.loc[comp["quantity"] == "nc1_pinv", "pass"].all()
 
 
-def _head_at(tmp_path, K, n, lam, norms, scale_last=1.0):
-    """A network head that is an exact DNC point (scaled classifier when scale_last != 1): its
-    objective per epoch, its metrics at epoch 7 (train split) and its weights."""
-    from dnc.nets.extract import head_objective
-
-    L, d = len(norms) - 1, 6
-    state = dnc_construction(K, L, n, d, list(norms))
-    state.W[-1] = state.W[-1] * scale_last
-    cols, y, pred = feature_columns(state)
-    write_features(tmp_path / "f.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
-    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
-    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
-    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
-    objective = pd.DataFrame([{"epoch": 1, **terms, "loss": 10.0}, {"epoch": 7, **terms}])
-    return objective, metrics, weights
-
-
 def test_network_head_at_the_optimum_is_recovered_and_a_detuned_one_is_not(tmp_path):
     from dnc.nets.compare import compare_network, head_settings
 
@@ -112,12 +95,12 @@ def test_network_head_at_the_optimum_is_recovered_and_a_detuned_one_is_not(tmp_p
     settings = head_settings(K, K * n, head_layers=2, lambda_H1=lam, lambda_W=lam)
     assert settings == {"K": 3, "L": 3, "n": 10.0, "lambda_H1": lam, "lambda_W": lam}
     opt = dnc_optimum(K, 3, n, lam, lam)
-    _, verdict = compare_network("net", settings, *_head_at(tmp_path, K, n, lam, opt.mean_norms))
+    _, verdict = compare_network("net", settings, *dnc_head_tables(tmp_path, K, n, lam, opt.mean_norms))
     v = verdict.iloc[0]
     assert v["recovered_dufm_optimum"] and v["epoch"] == 7 and v["structure_failed"] == 0
     assert v["verdict_text"].startswith("recovered DUFM-optimal features: objective +0.0% vs L_DNC")
     _, verdict = compare_network("net", settings,
-                                 *_head_at(tmp_path, K, n, lam, opt.mean_norms, scale_last=1.5))
+                                 *dnc_head_tables(tmp_path, K, n, lam, opt.mean_norms, scale_last=1.5))
     v = verdict.iloc[0]
     assert not v["recovered_dufm_optimum"]
     gap = f"{v['rel_gap']:+.1%}"

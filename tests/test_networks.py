@@ -160,22 +160,14 @@ def test_old_checkpoints_without_head_init_restore_with_the_defaults(tmp_path):
 
 @pytest.mark.parametrize("lam_H1,lam_W", [(0.0, 5e-3), (5e-3, 0.0), (5e-3, [5e-3, 0.0, 5e-3])])
 def test_a_zero_penalty_has_no_dufm_theory(tmp_path, lam_H1, lam_W):
-    from conftest import dnc_construction
+    from conftest import dnc_head_tables
 
-    from dnc.dufm.model import feature_columns
-    from dnc.io import write_features
-    from dnc.metrics.streaming import feature_file_metrics
     from dnc.nets.compare import COMPARISON_COLUMNS, compare_network, head_settings
     from dnc.theory import dnc_optimum
 
     K, n, lam = 3, 10, 5e-3
-    state = dnc_construction(K, 2, n, 6, list(dnc_optimum(K, 2, n, lam, lam).mean_norms))
-    cols, y, pred = feature_columns(state)
-    write_features(tmp_path / "f.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
-    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
-    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
-    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
-    objective = pd.DataFrame([{"epoch": 1, **terms, "loss": 10.0}, {"epoch": 7, **terms}])
+    objective, metrics, weights = dnc_head_tables(tmp_path, K, n, lam,
+                                                  dnc_optimum(K, 2, n, lam, lam).mean_norms)
     measured = (objective, metrics, weights)
     normal_c, normal_v = compare_network("net", head_settings(K, K * n, 1, lam, lam), *measured)
     comparison, verdict = compare_network("net", head_settings(K, K * n, 1, lam_H1, lam_W), *measured)
@@ -185,5 +177,5 @@ def test_a_zero_penalty_has_no_dufm_theory(tmp_path, lam_H1, lam_W):
     assert v["verdict"] == "no_theory" and not v["recovered_dufm_optimum"]
     assert "no DUFM theory" in v["verdict_text"] and "closed-form" in v["verdict_text"]
     assert math.isnan(v["L_DNC"]) and math.isnan(v["rel_gap"]) and v["epoch"] == 7
-    assert v["final_loss"] == pytest.approx(terms["loss"]) and v["min_hidden_rank"] == K
+    assert v["final_loss"] == pytest.approx(objective["loss"].iloc[-1]) and v["min_hidden_rank"] == K
     assert pd.concat([normal_v, verdict])["verdict"].tolist() == [normal_v["verdict"].iloc[0], "no_theory"]
