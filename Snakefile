@@ -33,3 +33,8 @@ rule all:
     input:
         get_final_outputs(),
     default_target: True
+
+
+# A failed job (with --keep-going, after the others finished): report what did finish.
+onerror:
+    build_partial_report()

@@ -21,8 +21,8 @@ from typing import Any
 
 from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
 
-__all__ = ["ConfigError", "dufm_batches", "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs",
-           "format_value"]
+__all__ = ["ConfigError", "dufm_batches", "dufm_tolerances", "expand_dufm_runs",
+           "expand_network_runs", "expand_rfm_runs", "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
@@ -117,7 +117,7 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             base.pop("lambda_H1", None), base.pop("lambda_W", None)
         elif explicit & {"lambda_H1", "lambda_W"}:
             base.pop("lambda", None)  # an explicit per-experiment value beats the defaults' shorthand
-        return {**base, **{k: v for k, v in spec.items() if k != "batch"}}
+        return {**base, **{k: v for k, v in spec.items() if k not in ("batch", "tolerances")}}
 
     runs: dict[str, dict[str, Any]] = {}
     for exp, rid, seed, point, values in _grid_runs("dufm", dufm.get("experiments"), defaults, base_of):
@@ -170,6 +170,16 @@ def expand_rfm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Map run id -> resolved Deep RFM run settings (RFM_KEYS, seed, experiment, grid values), with
     the grammar of expand_network_runs."""
     return _dataset_runs(config, "rfm", RFMConfig, RFM_KEYS)
+
+
+def dufm_tolerances(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Run id -> the tolerances its comparison with theory uses: theory.tolerances overridden by
+    the experiment's own ``tolerances`` key (for grids that converge too slowly for the defaults;
+    the report states the tolerances of every run)."""
+    common = dict((config.get("theory") or {}).get("tolerances") or {})
+    experiments = (config.get("dufm") or {}).get("experiments") or {}
+    return {rid: {**common, **((experiments.get(s["experiment"]) or {}).get("tolerances") or {})}
+            for rid, s in runs.items()}
 
 
 SHAPE_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")

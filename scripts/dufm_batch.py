@@ -16,6 +16,7 @@ p = snakemake.params  # noqa: F821
 torch.set_num_threads(snakemake.threads)  # noqa: F821
 
 log.info("batch of %d DUFM runs: %s", len(p.runs), ", ".join(p.runs))
+tolerances = {r: Tolerances(**t) for r, t in p.tolerances.items()}
 verdicts = run_batch(p.runs, p.settings, {r: run_paths(r) for r in p.runs}, Convention(**p.convention),
-                     Tolerances(**p.tolerances), device=p.device, batch_rows=p.batch_rows)
+                     tolerances, device=p.device, batch_rows=p.batch_rows)
 log.info("verdicts:\n%s", verdicts[["run", "verdict", "rel_gap"]].to_string(index=False))

@@ -168,3 +168,28 @@ def test_non_finite_run_raises_or_stops():
     assert not exploding.converged and exploding.steps < 200
     finite = [math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in exploding.history]
     assert finite == [True] * (len(finite) - 1) + [False]  # the row that stopped it comes last
+
+
+def test_run_batch_writes_a_diverged_run_as_a_result(tmp_path):
+    """The batch job unit: the diverged run gets every output file, no metrics, an empty comparison
+    and the verdict "diverged" at its stopping step; the other run is measured as usual."""
+    import pandas as pd
+
+    from dnc.config import expand_dufm_runs
+    from dnc.dufm.batch import run_batch, run_paths
+    from dnc.io import read_metadata
+
+    config = {"dufm": {"defaults": {"K": 2, "L": 3, "n": 4, "width": 6, "lambda": 0.005, "steps": 200,
+                                    "log_every": 1},
+                       "experiments": {"e": {"grid": {"lr": [0.5, 1.0e6]}}}}}
+    runs = expand_dufm_runs(config)
+    paths = {r: run_paths(r, str(tmp_path)) for r in runs}
+    verdicts = run_batch(list(runs), runs, paths, progress=False).set_index("run")
+    bad, good = paths["e-lr1e+06-s0"], paths["e-lr0.5-s0"]
+    history = pd.read_parquet(bad.history)
+    assert verdicts.at["e-lr1e+06-s0", "verdict"] == "diverged"
+    assert verdicts.at["e-lr1e+06-s0", "steps"] == history["step"].iloc[-1] < 200
+    assert read_metadata(bad.features, "dnc:diverged_step") == history["step"].iloc[-1]
+    assert pd.read_parquet(bad.metrics).empty and pd.read_parquet(bad.comparison).empty
+    assert verdicts.at["e-lr0.5-s0", "verdict"] != "diverged"
+    assert len(pd.read_parquet(good.metrics)) > 0 and len(pd.read_parquet(good.comparison)) > 0

@@ -149,3 +149,18 @@ def test_batches_group_runs_of_one_shape_in_run_order():
     assert sorted(r for rs in batches.values() for r in rs) == sorted(runs)
     for members in batches.values():
         assert len({runs[r]["width"] for r in members}) == 1
+
+
+def test_experiment_tolerances_override_the_theory_section():
+    from dnc.config import dufm_tolerances, expand_dufm_runs
+
+    config = {"theory": {"tolerances": {"loss_rtol": 1e-6, "grad_norm": 1e-7}},
+              "dufm": {"defaults": {"K": 2, "L": 3, "n": 4, "width": 6, "lambda": 0.005, "lr": 0.5,
+                                    "steps": 10},
+                       "experiments": {"strict": {}, "slow": {"tolerances": {"loss_rtol": 1e-4},
+                                                              "grid": {"width": [6, 8]}}}}}
+    runs = expand_dufm_runs(config)
+    tol = dufm_tolerances(config, runs)
+    assert tol["strict-s0"] == {"loss_rtol": 1e-6, "grad_norm": 1e-7}
+    assert tol["slow-width6-s0"] == tol["slow-width8-s0"] == {"loss_rtol": 1e-4, "grad_norm": 1e-7}
+    assert "tolerances" not in runs["slow-width6-s0"]  # not a training setting

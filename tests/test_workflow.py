@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -195,15 +196,50 @@ def test_inconsistent_lambda_names_the_experiment(tmp_path):
     assert "dufm.experiments.other (run other-s0): lambda_W: 2 values for L = 3" in out.stderr + out.stdout
 
 
-def test_non_finite_loss_fails_the_job_and_leaves_nothing(tmp_path):
+def test_diverged_run_is_a_result_and_a_failed_job_leaves_a_partial_report(tmp_path):
+    """lr 1e6 diverges: the job succeeds with verdict "diverged" at the step where the loss became
+    non-finite; a network whose dataset cannot be read fails for real, --keep-going finishes the
+    rest and the report is built from what finished, listing the missing run and its files."""
     wd = workdir_copy(tmp_path)
     cfg = copy.deepcopy(TINY)
-    cfg["dufm"]["experiments"] = {"boom": {"lr": 1.0e6, "log_every": 1}}
-    cfg.pop("networks")
-    out = snakemake(wd, cfg)
+    cfg["dufm"]["experiments"] = {"boom": {"lr": 1.0e6, "log_every": 1},
+                                  "fine": {"steps": 300}}
+    cfg["datasets"]["absent"] = {"name": "mnist", "root": str(tmp_path / "no-such-folder")}
+    cfg["networks"]["experiments"] = {"net": {}, "lost": {"dataset": "absent"}}
+    cfg.pop("rfm")
+    out = snakemake(wd, cfg, "--keep-going")
+    assert out.returncode != 0  # the failed dataset job is still an error
+    assert "Error in rule prepare_dataset" in out.stdout + out.stderr
+
+    verdict = pd.read_parquet(wd / "results/theory/boom-s0/verdict.parquet").iloc[0]
+    history = pd.read_parquet(wd / "results/dufm/boom-s0/history.parquet")
+    assert verdict["verdict"] == "diverged"
+    finite = np.isfinite(history["loss"]) & np.isfinite(history["grad_norm"])
+    first_bad = int(history.loc[~finite, "step"].iloc[0])
+    assert verdict["steps"] == first_bad == int(history["step"].iloc[-1])  # stopped there
+    assert pd.read_parquet(wd / "results/metrics/boom-s0/metrics.parquet").empty  # nothing measured
+    assert pd.read_parquet(wd / "results/theory/fine-s0/verdict.parquet")["verdict"].iloc[0] != "diverged"
+
+    html = (wd / "results/report/index.html").read_text()
+    assert "Incomplete report: 1 run(s) did not finish" in html
+    assert "lost-s0" in html and "results/nets/lost-s0/history.parquet" in html
+    assert "Diverged runs" in html and "boom-s0" in html
+    summary = pd.read_parquet(wd / "results/report/summary.parquet")
+    assert {"fine-s0", "net-s0"} <= set(summary["run"]) and not {"lost-s0", "boom-s0"} & set(summary["run"])
+
+
+def test_no_partial_report_when_switched_off(tmp_path):
+    wd = workdir_copy(tmp_path)
+    cfg = copy.deepcopy(TINY)
+    cfg["partial_report"] = False
+    cfg["dufm"]["experiments"] = {"fine": {"steps": 100}}
+    cfg["datasets"]["absent"] = {"name": "mnist", "root": str(tmp_path / "no-such-folder")}
+    cfg["networks"]["experiments"] = {"lost": {"dataset": "absent"}}
+    cfg.pop("rfm")
+    out = snakemake(wd, cfg, "--keep-going")
     assert out.returncode != 0
-    assert re.search(r"run 'boom-s0': non-finite loss \S+ at step \d+", out.stdout + out.stderr)
-    assert not list((wd / "results").glob("*/boom-s0/*.parquet"))  # nothing half-written for the run
+    assert (wd / "results/theory/fine-s0/verdict.parquet").exists()
+    assert not (wd / "results/report/index.html").exists()
 
 
 def test_network_setting_change_reruns_only_the_network_chain(finished):

@@ -22,8 +22,14 @@ import pandas as pd
 from dnc.layout import dufm_columns
 from dnc.theory import DNCOptimum, dnc_optimum, local_minimum_structure, triangle_loss
 
-__all__ = ["Tolerances", "compare_run", "is_converged", "rank_columns", "rank_verdict", "VERDICTS",
-           "RANK_VERDICTS"]
+__all__ = ["Tolerances", "compare_run", "diverged_run", "empty_comparison", "is_diverged", "is_converged",
+           "rank_columns",
+           "rank_verdict", "VERDICTS", "RANK_VERDICTS", "COMPARISON_COLUMNS"]
+
+# Columns of the comparison table (docs/schemas.md), with their dtypes for an empty table.
+COMPARISON_COLUMNS = {"run": "string", "quantity": "string", "layer": "int64", "representation": "string",
+                      "measured": "float64", "predicted": "float64", "abs_gap": "float64",
+                      "rel_gap": "float64", "tolerance": "float64", "pass": "boolean", "note": "string"}
 
 VERDICTS = {
     "global_optimum": "agrees with the global optimum",
@@ -32,9 +38,10 @@ VERDICTS = {
     "below_dnc_low_rank": "below DNC (low-rank solution)",
     "above_dnc": "above L_DNC at another stationary point",
     "not_converged": "not converged",
+    "diverged": "diverged (non-finite loss)",
 }
 
-RANK_VERDICTS = ("dnc", "low-rank", "other")
+RANK_VERDICTS = ("dnc", "low-rank", "other", "diverged")
 
 
 @dataclass(frozen=True)
@@ -294,3 +301,48 @@ def compare_run(
         "structure_failed": int((~checked.astype(bool)).sum()),
     }])
     return comparison, verdict
+
+
+def is_diverged(history: pd.DataFrame) -> bool:
+    """True when the last history row has a non-finite loss or gradient norm (the trainer stops a
+    diverged run there, dnc.dufm.train.train_dufm_batch with on_nonfinite="stop")."""
+    last = history.iloc[-1]
+    return not (np.isfinite(last["loss"]) and np.isfinite(last["grad_norm"]))
+
+
+def diverged_run(run: str, settings: Mapping, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The comparison (empty) and verdict of a run whose loss became NaN or inf.
+
+    Divergence is a result (too large a learning rate), not a failed job: the verdict is "diverged",
+    steps is the logged step where the loss was first seen non-finite, final_loss the last finite
+    loss before it (NaN if none) and the theory's columns (L_DNC, c_star, ...) are filled so the run
+    can be set against them; nothing is measured on the non-finite parameters.
+    """
+    K, L, n = int(settings["K"]), int(settings["L"]), settings["n"]
+    opt = dnc_optimum(K, L, n, settings["lambda_H1"], settings["lambda_W"])
+    l_tri = triangle_loss(K, L, n, settings["lambda_H1"], settings["lambda_W"])
+    step = int(history["step"].iloc[-1])
+    finite = history[np.isfinite(history["loss"]) & np.isfinite(history["grad_norm"])]
+    last_loss = float(finite["loss"].iloc[-1]) if len(finite) else math.nan
+    what = "loss" if not np.isfinite(history["loss"].iloc[-1]) else "gradient norm"
+    text = (f"diverged: non-finite {what} at step {step} (last finite loss {last_loss:.6g}); "
+            f"lr {settings.get('lr')}")
+    verdict = pd.DataFrame([{
+        "run": run, "verdict": "diverged", "verdict_text": text, "converged": False, "steps": step,
+        "final_loss": last_loss, "final_grad_norm": float(history["grad_norm"].iloc[-1]),
+        "L_DNC": opt.loss, "rel_gap": math.nan, "c_star": opt.scale, "P": opt.P,
+        "threshold": opt.threshold, "regime": opt.regime,
+        "local_min_loss": opt.local_loss if opt.zero_optimal else math.nan,
+        "L_tri": l_tri if l_tri is not None else math.nan,
+        "loss_over_L_DNC": math.nan, "loss_over_L_tri": math.nan, "min_hidden_rank": math.nan,
+        "min_hidden_rank_pre": math.nan, "min_hidden_rank_post": math.nan,
+        "rank_verdict": "diverged", "rank_verdict_text": text, "deciding_rank": math.nan,
+        "deciding_layer": math.nan, "deciding_representation": "",
+        "structure_checks": 0, "structure_failed": 0,
+    }])
+    return empty_comparison(), verdict
+
+
+def empty_comparison() -> pd.DataFrame:
+    """A comparison table with no rows and the columns and dtypes of compare_run's."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COMPARISON_COLUMNS.items()})

@@ -1,10 +1,15 @@
 """The aggregated report: page shell (page.py), tidy summary (summary.py), claims table
-(claims.py), one module per section (dufm.py, networks.py), and build_report assembling them."""
+(claims.py), one module per section (dufm.py, networks.py, ...), runs that did not finish or
+diverged (status.py), build_report assembling them and write_report reading its input files and
+writing the summary and the page."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import pandas as pd
 
+from dnc.io import atomic_path, read_frame, write_parquet
 from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
 from dnc.report.dufm import render_dufm_section
@@ -12,15 +17,17 @@ from dnc.report.lowrank import render_lowrank_section
 from dnc.report.networks import render_network_section
 from dnc.report.page import esc, page, table
 from dnc.report.rfm import render_rfm_section, rfm_claims
+from dnc.report.status import available_inputs, diverged_ids, missing_runs, render_diverged, render_missing
 from dnc.report.summary import config_frame, net_config_frame, summary_table
 
-__all__ = ["build_report", "claims_table", "config_frame", "net_config_frame", "summary_table"]
+__all__ = ["build_report", "write_report", "claims_table", "config_frame", "net_config_frame",
+           "summary_table"]
 
 TITLE = "dnc report: deep neural collapse against theory"
 
 
 def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, pd.DataFrame],
-                 configfiles: list[str]) -> tuple[pd.DataFrame, str]:
+                 configfiles: list[str], missing: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
     """The summary table and the HTML page.
 
     Args:
@@ -29,18 +36,31 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
             net_metrics, net_comparisons, net_verdicts, rfm_metrics, rfm_layers (empty frames where
             a kind has no run).
         configfiles: the config files of this run, named on the page.
+        missing: runs that did not finish (status.missing_runs): left out, listed at the top.
     """
-    config, net_config = config_frame(runs), net_config_frame(net_runs)
+    missing = missing if missing is not None else pd.DataFrame(columns=["run", "missing"])
+    kinds = {**dict.fromkeys(runs, "dufm"), **dict.fromkeys(net_runs, "network"),
+             **dict.fromkeys(rfm_runs, "rfm")}
+    gone = set(missing["run"])
+    runs, net_runs, rfm_runs = ({r: s for r, s in x.items() if r not in gone}
+                                for x in (runs, net_runs, rfm_runs))
+    all_config, net_config = config_frame(runs), net_config_frame(net_runs)
     rfm_config = net_config_frame(rfm_runs)
-    parts, summaries = [], []
+    # Diverged DUFM runs are listed on their own; sections, claims and figures show the others.
+    diverged = diverged_ids(tables["verdicts"])
+    config = all_config[~all_config["run"].isin(diverged)] if not all_config.empty else all_config
+    dufm_tables = {k: tables[k][~tables[k]["run"].isin(diverged)] if "run" in tables[k] else tables[k]
+                   for k in ("histories", "metrics", "comparisons", "verdicts")}
+    parts, summaries = [render_missing(missing, kinds)], []
     if not config.empty:
-        summaries.append(summary_table(config, tables["metrics"], tables["verdicts"]).assign(kind="dufm"))
+        summaries.append(summary_table(config, dufm_tables["metrics"], dufm_tables["verdicts"])
+                         .assign(kind="dufm"))
     if not net_config.empty:
         summaries.append(summary_table(net_config, tables["net_metrics"], tables["net_verdicts"])
                          .assign(kind="network"))
     if not rfm_config.empty:
         summaries.append(summary_table(rfm_config, tables["rfm_metrics"]).assign(kind="rfm"))
-    claims = claims_table(config, tables["verdicts"], net_config, tables["net_verdicts"])
+    claims = claims_table(config, dufm_tables["verdicts"], net_config, tables["net_verdicts"])
     extra = rfm_claims(rfm_config, tables["rfm_metrics"]) + (
         analysis_claims(tables["analyses"]) if not tables["analyses"].empty else [])
     claims = pd.concat([claims, pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"],
@@ -48,21 +68,48 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     conventions = sorted({c for key in ("metrics", "net_metrics", "rfm_metrics")
                           if "convention" in tables[key] for c in tables[key]["convention"]})
     parts.append(f"<p class='note'>Config: {esc(', '.join(configfiles) or 'config/config.yaml')}; "
-                 f"{len(config)} DUFM runs, {len(net_config)} network runs, {len(rfm_config)} Deep RFM "
-                 f"runs. Metric convention: "
+                 f"{len(all_config)} DUFM runs ({len(diverged)} diverged), {len(net_config)} network "
+                 f"runs, {len(rfm_config)} Deep RFM runs. Metric convention: "
                  f"<code>{esc('; '.join(conventions))}</code> (docs/metrics.md).</p>")
     parts += ["<h2>Claims tested by this run</h2>",
               table(claims, verdict_col="verdict", code_col="code",
                     text_cols=("claim", "source", "run ids", "evidence"))]
+    if diverged:
+        parts.append(render_diverged(all_config, tables["verdicts"]))
     if not config.empty:
-        parts.append(render_dufm_section(config, tables["histories"], tables["metrics"],
-                                         tables["comparisons"], tables["verdicts"]))
-        parts.append(render_lowrank_section(config, tables["histories"], tables["metrics"],
-                                            tables["verdicts"]))
+        parts.append(render_dufm_section(config, dufm_tables["histories"], dufm_tables["metrics"],
+                                         dufm_tables["comparisons"], dufm_tables["verdicts"]))
+        parts.append(render_lowrank_section(config, dufm_tables["histories"], dufm_tables["metrics"],
+                                            dufm_tables["verdicts"]))
     if not net_config.empty:
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))
         parts.append(render_analysis_section(tables["analyses"]))
     if not rfm_config.empty:
         parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"]))
-    return pd.concat(summaries, ignore_index=True), page(TITLE, parts)
+    summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
+    return summary, page(TITLE, parts)
+
+
+def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict, rfm_runs: dict,
+                 configfiles: list[str], summary_path: str, html_path: str,
+                 partial: bool = False) -> pd.DataFrame:
+    """Read the report's input files, build it and write summary_path and html_path atomically.
+
+    Args:
+        inputs: input key (histories, metrics, ...; see build_report) -> per-run files.
+        partial: build from the runs whose files all exist and list the others (after a failed
+            `--keep-going` run); otherwise every file must exist.
+
+    Returns:
+        The missing runs (run, missing files); empty unless partial.
+    """
+    missing = missing_runs(inputs) if partial else pd.DataFrame(columns=["run", "missing"])
+    files = available_inputs(inputs, missing)
+    tables = {key: pd.concat([read_frame(f) for f in fs], ignore_index=True) if fs else pd.DataFrame()
+              for key, fs in files.items()}
+    summary, html = build_report(runs, net_runs, rfm_runs, tables, configfiles, missing)
+    write_parquet(summary, summary_path)
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return missing

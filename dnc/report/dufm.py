@@ -204,6 +204,7 @@ def render_dufm_section(config: pd.DataFrame, histories: pd.DataFrame, metrics: 
              "for K &ge; 3 and L &ge; 3 lower-rank solutions can beat it (L_tri: triangle "
              "construction, docs/theory.md section 4).</p>",
              "<p>" + ", ".join(f"<b>{n}</b> {esc(t)}" for t, n in counts.items()) + "</p>",
+             tolerance_note(config, comparisons),
              runs_table,
              "<h3>Loss against the theoretical optimum</h3>", img(loss_figure(histories, verdicts, config)),
              "<h3>Collapse per layer</h3><p class='note'>NC1 = tr(&Sigma;<sub>W</sub>&Sigma;<sub>B"
@@ -228,6 +229,19 @@ def render_dufm_section(config: pd.DataFrame, histories: pd.DataFrame, metrics: 
     if len(per_run) > MAX_ROWS:
         per_run = [f"<details><summary>{len(per_run)} runs</summary>", *per_run, "</details>"]
     return "\n".join(parts + per_run)
+
+
+def tolerance_note(config: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    """Which loss tolerance decided the verdicts, per experiment, when experiments differ (an
+    experiment's own ``tolerances`` key, docs/config.md)."""
+    rows = comparisons[comparisons["quantity"] == "loss vs L_DNC"].merge(config[["run", "experiment"]],
+                                                                          on="run")
+    per_exp = rows.groupby("experiment", sort=False)["tolerance"].agg(lambda t: sorted(set(t)))
+    if sum(len(t) for t in per_exp) <= 1 or len({tuple(t) for t in per_exp}) == 1:
+        return ""
+    text = "; ".join(f"{esc(e)} {', '.join(f'{x:g}' for x in t)}" for e, t in per_exp.items())
+    return (f"<p class='note'>Relative loss tolerance of the verdicts, per experiment (set by an "
+            f"experiment's <code>tolerances</code>, docs/config.md): {text}.</p>")
 
 
 def group_table(v: pd.DataFrame, groups: pd.Series) -> str:

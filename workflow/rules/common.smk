@@ -2,8 +2,9 @@
 import re
 
 import dnc
-from dnc.config import ConfigError, dufm_batches, expand_dufm_runs, expand_network_runs, expand_rfm_runs
+from dnc.config import ConfigError, dufm_batches, dufm_tolerances, expand_dufm_runs, expand_network_runs, expand_rfm_runs
 from dnc.dufm.batch import run_paths
+from dnc.report import write_report
 from dnc.settings import ANALYSIS_ONLY
 
 try:
@@ -11,6 +12,7 @@ try:
     NET_RUNS = expand_network_runs(config)
     RFM_RUNS = expand_rfm_runs(config)
     DUFM_BATCHES = dufm_batches(config, RUNS)
+    DUFM_TOLERANCES = dufm_tolerances(config, RUNS)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
 _twice = (set(RUNS) & set(NET_RUNS)) | (set(RUNS) & set(RFM_RUNS)) | (set(NET_RUNS) & set(RFM_RUNS))

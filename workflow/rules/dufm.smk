@@ -14,7 +14,7 @@ for _batch, _runs in DUFM_BATCHES.items():
             runs=_runs,
             settings={r: RUNS[r] for r in _runs},
             convention=config["metrics"]["convention"],
-            tolerances=config["theory"]["tolerances"],
+            tolerances={r: DUFM_TOLERANCES[r] for r in _runs},
             batch_rows=config["metrics"]["batch_rows"],
             device=config["device"],
             version=DNC_VERSION,
