@@ -157,3 +157,36 @@ def test_hundreds_of_runs_stay_readable(points, no_png):
     assert html.count("<img") <= 12
     assert all(rid in html for rid in runs)  # every run is still named (inside <details>)
     assert run_groups(config).nunique() < 40
+
+
+def _claims(rows):
+    from dnc.report.claims import claims_table
+
+    config = pd.DataFrame([{"run": r["run"], "experiment": r["exp"], "K": 10, "L": 4, "width": r["width"],
+                            "lambda_H1": r["lam"]} for r in rows])
+    verdicts = pd.DataFrame([{"run": r["run"], "regime": "nonzero optimum", "verdict": "dnc", "rel_gap": 0.0,
+                              "rank_verdict": r["code"], "deciding_rank": r["rank"],
+                              "min_hidden_rank_pre": r["rank"]} for r in rows])
+    table = claims_table(config, verdicts, pd.DataFrame(), pd.DataFrame())
+    return table.set_index("claim")
+
+
+def test_lowrank_claims_follow_the_rank_verdicts():
+    def run(exp, i, width, lam, code, rank):
+        return {"run": f"{exp}{i}", "exp": exp, "width": width, "lam": lam, "code": code, "rank": rank}
+
+    widths = [run("w", 0, 10, 0.004, "low-rank", 6), run("w", 1, 10, 0.004, "dnc", 10),
+              run("w", 2, 50, 0.004, "dnc", 10), run("w", 3, 50, 0.004, "dnc", 10)]
+    lams = [run("l", 0, 30, 0.001, "dnc", 10), run("l", 1, 30, 0.01, "low-rank", 4)]
+    t = _claims(widths + lams)
+    assert t.loc["K >= 3, L >= 3: low-rank solutions beat DNC at small width", "code"] == "holds"
+    assert "1 of 2 runs low-rank" in t.loc["K >= 3, L >= 3: low-rank solutions beat DNC at small width",
+                                           "evidence"]
+    assert t.loc["The share of runs that reach DNC rises with width", "code"] == "holds"  # 0.5 -> 1
+    assert t.loc["The class-mean rank falls as weight decay grows", "code"] == "holds"  # 10 -> 4
+    flipped = [dict(r, code={"dnc": "low-rank", "low-rank": "dnc"}[r["code"]]) for r in widths]
+    rising = [dict(lams[0], rank=4), dict(lams[1], rank=10)]
+    t = _claims(flipped + rising)
+    assert t.loc["The share of runs that reach DNC rises with width", "code"] == "does_not_hold"
+    assert t.loc["The class-mean rank falls as weight decay grows", "code"] == "does_not_hold"
+    assert _claims(widths[2:]).loc["The class-mean rank falls as weight decay grows", "code"] == "not_tested"
