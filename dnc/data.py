@@ -3,7 +3,8 @@
 Dataset file schema (docs/schemas.md): one row per sample with ``index`` (int64, position in the
 source split), ``label`` (int32), ``split`` ("train" / "test") and ``pixels``
 (fixed_size_list<float32>[prod(shape)]); metadata ``dnc:dataset`` records the name, the sample
-shape (e.g. [1, 28, 28]), the number of classes and the options used.
+shape (e.g. [1, 28, 28]), the number of classes, the options used and, when ``classes`` selects a
+subset (e.g. two digits for a K = 2 experiment), the source label of each class 0..K-1.
 
 torchvision datasets are read from a local root through torchvision's own classes (their ``data``
 and ``targets`` arrays, no per-sample transform loop) and downloaded only when asked and where the
@@ -50,6 +51,9 @@ class DatasetSpec:
         seed: seed of the synthetic data and of the digits train/test split.
         test_fraction: share of digits held out as test.
         gaussian: K, dim, separation (distance scale of the class means), n (per class, per split).
+        classes: keep only these source labels, relabelled 0..len(classes)-1 in the order given
+            (e.g. (3, 8): 3 -> 0, 8 -> 1); applied to both splits before the per-class subsets.
+            None keeps every class.
     """
 
     name: str
@@ -62,6 +66,7 @@ class DatasetSpec:
     seed: int = 0
     test_fraction: float = 0.2
     gaussian: dict = field(default_factory=lambda: {"K": 10, "dim": 20, "separation": 2.0, "n": 100})
+    classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OFFLINE and self.name not in TORCHVISION:
@@ -69,6 +74,11 @@ class DatasetSpec:
                              f"{sorted([*OFFLINE, *TORCHVISION])}")
         if self.n_per_class is not None and self.first_n is not None:
             raise ValueError("give n_per_class or first_n, not both")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"{self.name}: classes must name at least two distinct labels, "
+                                 f"got {list(self.classes)}")
 
 
 Split = tuple[np.ndarray, np.ndarray]  # X (N, *shape) float32, y (N,) int64
@@ -135,6 +145,21 @@ def _torchvision(spec: DatasetSpec) -> dict[str, Split]:
     return out
 
 
+def keep_classes(X: np.ndarray, y: np.ndarray, pos: np.ndarray, classes: tuple[int, ...],
+                 name: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of X (N, ...), y (N,), pos (N,) whose label is in classes, in source order, with the
+    labels mapped to their position in classes."""
+    present = set(np.unique(y).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(f"dataset {name!r}: classes {missing} do not occur in its {split} split "
+                         f"(labels there: {sorted(present)})")
+    keep = np.flatnonzero(np.isin(y, classes))
+    relabel = np.full(max(present) + 1, -1, dtype=np.int64)
+    relabel[list(classes)] = np.arange(len(classes))
+    return X[keep], relabel[y[keep]], pos[keep]
+
+
 def subset(X: np.ndarray, y: np.ndarray, n_per_class: int | None, first_n: int | None) -> Split:
     if first_n is not None:
         return X[:first_n], y[:first_n]
@@ -151,13 +176,16 @@ def subset(X: np.ndarray, y: np.ndarray, n_per_class: int | None, first_n: int |
 def load_splits(spec: DatasetSpec) -> tuple[dict[str, Split], dict[str, np.ndarray]]:
     """Train and test arrays after subsetting and optional standardisation.
 
-    Returns (splits, index) where index[split] is each kept sample's position in its source split.
+    Returns (splits, index) where index[split] is each kept sample's position in its source split
+    (before any class selection, so rows can be traced back to the source data).
     """
     loader = {"digits": _digits, "mnist1d": _mnist1d, "gaussian": _gaussian}.get(spec.name, _torchvision)
     raw = loader(spec)
     splits, index = {}, {}
     for split, (X, y) in raw.items():
         pos = np.arange(len(y))
+        if spec.classes is not None:
+            X, y, pos = keep_classes(X, y, pos, spec.classes, spec.name, split)
         n = spec.n_per_class if split == "train" else spec.test_n_per_class
         first = spec.first_n if split == "train" else None
         X, _ = subset(X, y, n, first)
@@ -190,7 +218,9 @@ def prepare_dataset(spec: DatasetSpec, path: str | os.PathLike) -> dict:
         }))
     meta = {"name": spec.name, "shape": shape,
             "num_classes": int(max(int(s[1].max()) for s in splits.values()) + 1),
-            "counts": {s: int(len(v[1])) for s, v in splits.items()}, "spec": asdict(spec)}
+            "counts": {s: int(len(v[1])) for s, v in splits.items()}, "spec": asdict(spec),
+            # source label of each class 0..K-1 (None: the labels are the source's own)
+            "classes": list(spec.classes) if spec.classes is not None else None}
     write_parquet(pa.concat_tables(parts), path, {"dnc:dataset": meta})
     return meta
 

@@ -129,3 +129,31 @@ def test_parquet_roundtrip(tmp_path):
     np.testing.assert_array_equal(X.numpy(), splits["train"][0])
     np.testing.assert_array_equal(y.numpy(), splits["train"][1])
     assert m["num_classes"] == 10 and m["counts"]["train"] == 50
+
+
+def test_class_subset_keeps_exactly_those_source_rows_relabelled(tmp_path):
+    data = tiny_mnist(tmp_path, n=24)  # train labels 0..9, 0..9, 0..3; test 0..9, 0, 1
+    splits, index = load_splits(DatasetSpec("mnist", root=str(tmp_path), classes=[7, 2]))
+    X_src, y_src = data["train"]
+    rows = [i for i, label in enumerate(y_src) if label in (7, 2)]  # source order
+    assert index["train"].tolist() == rows == [2, 7, 12, 17, 22]
+    X, y = splits["train"]
+    np.testing.assert_allclose(X[:, 0] * 255, X_src[rows], atol=1e-4)
+    assert y.tolist() == [1, 0, 1, 0, 1]  # 7 -> 0, 2 -> 1: the order given
+    test_rows = [i for i, label in enumerate(data["t10k"][1]) if label in (7, 2)]
+    assert index["test"].tolist() == test_rows and splits["test"][1].tolist() == [1, 0]
+    # Per-class subsets count within the kept classes, after the relabelling.
+    one, idx = load_splits(DatasetSpec("mnist", root=str(tmp_path), classes=[7, 2], n_per_class=1))
+    assert idx["train"].tolist() == [2, 7] and one["train"][1].tolist() == [1, 0]
+
+
+def test_class_subset_metadata_and_errors(tmp_path):
+    meta = prepare_dataset(DatasetSpec("digits", classes=(3, 8), n_per_class=5), tmp_path / "d.parquet")
+    X, y, m = read_split(tmp_path / "d.parquet", "train")
+    assert m["num_classes"] == meta["num_classes"] == 2 and m["classes"] == [3, 8]
+    assert np.bincount(y.numpy()).tolist() == [5, 5] and m["spec"]["classes"] == [3, 8]
+    assert prepare_dataset(DatasetSpec("digits", n_per_class=1), tmp_path / "a.parquet")["classes"] is None
+    with pytest.raises(ValueError, match=r"dataset 'digits': classes \[12\] do not occur in its train split"):
+        load_splits(DatasetSpec("digits", classes=[3, 12]))
+    with pytest.raises(ValueError, match="gaussian: classes must name at least two distinct labels"):
+        DatasetSpec("gaussian", classes=[1, 1])

@@ -179,3 +179,109 @@ def test_a_zero_penalty_has_no_dufm_theory(tmp_path, lam_H1, lam_W):
     assert math.isnan(v["L_DNC"]) and math.isnan(v["rel_gap"]) and v["epoch"] == 7
     assert v["final_loss"] == pytest.approx(objective["loss"].iloc[-1]) and v["min_hidden_rank"] == K
     assert pd.concat([normal_v, verdict])["verdict"].tolist() == [normal_v["verdict"].iloc[0], "no_theory"]
+
+
+def _state_tables(tmp_path, state, K, lam):
+    """(objective, metrics, weights) of a head given as an explicit DUFM point, measured by the
+    library as the pipeline measures a trained head (last epoch 7, train split)."""
+    from dnc.dufm.model import feature_columns
+    from dnc.io import write_features
+    from dnc.metrics.streaming import feature_file_metrics
+
+    cols, y, pred = feature_columns(state)
+    write_features(tmp_path / "s.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
+    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
+    metrics = feature_file_metrics(tmp_path / "s.parquet", "r", weights=weights, device="cpu")
+    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
+    return pd.DataFrame([{"epoch": 7, **terms}]), metrics, weights
+
+
+@pytest.mark.parametrize("scale,recovered", [(1.0, True), (1.1, True), (1.15, False)])
+def test_a_binary_head_is_recovered_only_within_one_percent_of_L_DNC(tmp_path, scale, recovered):
+    from conftest import dnc_construction
+
+    from dnc.nets.compare import compare_network, head_settings
+    from dnc.theory import dnc_optimum
+
+    K, L, n, lam = 2, 4, 10, 5e-3
+    opt = dnc_optimum(K, L, n, lam, lam)
+    state = dnc_construction(K, L, n, 6, list(opt.mean_norms))
+    # H_1 -> s H_1, W_1 -> W_1 / s: the same function, penalties s^2 K tau and K tau / s^2 instead
+    # of K tau each (halved in the objective); the geometry is untouched.
+    state.H1, state.W[0] = scale * state.H1, state.W[0] / scale
+    expected = opt.loss + opt.penalty / 2 * (scale**2 + scale**-2 - 2)
+    tables = _state_tables(tmp_path, state, K, lam)
+    settings = head_settings(K, K * n, L - 1, lam, lam)
+    # Penalties and norms off by up to 32 % pass structure_rtol = 1: only the loss target decides.
+    _, verdict = compare_network("net", settings, *tables, tolerances={"structure_rtol": 1.0})
+    v = verdict.iloc[0]
+    assert v["final_loss"] == pytest.approx(expected, rel=1e-10)
+    assert v["rel_gap"] == pytest.approx(expected / opt.loss - 1, abs=1e-10)
+    assert (abs(v["rel_gap"]) <= 0.01) == recovered  # 1.1: +0.7 %, 1.15: +1.6 %
+    assert v["dnc_geometry"] and v["geometry_failed"] == 0 and v["structure_failed"] == 0
+    assert v["recovered_dufm_optimum"] == recovered
+    assert v["verdict_text"] == (
+        f"{'recovered' if recovered else 'did not recover'} DUFM-optimal features: objective "
+        f"{v['rel_gap']:+.1%} vs L_DNC, DNC geometry at every head layer, 0 of "
+        f"{v['structure_checks']} layer checks fail")
+    _, loose = compare_network("net", settings, *tables, tolerances={"structure_rtol": 1.0, "loss_rtol": 0.1})
+    assert loose.iloc[0]["recovered_dufm_optimum"]
+    # With the default structure tolerance (10 %) the unbalanced penalties fail on their own.
+    _, default = compare_network("net", settings, *tables)
+    assert (default.iloc[0]["structure_failed"] > 0) == (scale > 1)
+
+
+def test_a_head_layer_off_the_dnc_geometry_is_named(tmp_path):
+    from conftest import dnc_head_tables
+
+    from dnc.nets.compare import compare_network, head_settings
+    from dnc.theory import dnc_optimum
+
+    K, L, n, lam = 2, 3, 10, 5e-3
+    norms = dnc_optimum(K, L, n, lam, lam).mean_norms
+    objective, metrics, weights = dnc_head_tables(tmp_path, K, n, lam, norms)
+    bent = metrics.copy()
+    at = (bent["layer"] == 3) & (bent["representation"] == "post") & (bent["metric"] == "nc2_orth")
+    assert at.sum() == 1
+    bent.loc[at, "value"] = 0.3  # class means of layer 3 far from orthogonal
+    _, verdict = compare_network("net", head_settings(K, K * n, L - 1, lam, lam), objective, bent, weights)
+    v = verdict.iloc[0]
+    assert abs(v["rel_gap"]) < 1e-12 and not v["dnc_geometry"] and v["geometry_failed"] == 1
+    assert not v["recovered_dufm_optimum"]
+    assert "DNC geometry fails: nc2_orth at layer 3 post, 1 of" in v["verdict_text"]
+
+
+def test_a_ten_class_head_is_compared_with_L_tri_and_its_ranks(tmp_path):
+    from conftest import dnc_construction
+
+    from dnc.dufm.model import DUFMState
+    from dnc.nets.compare import compare_network, head_settings
+    from dnc.report.networks import hidden_ranks
+    from dnc.theory import dnc_optimum, triangle_optimum
+
+    # The reference point of docs/theory.md section 4: L_DNC = 0.13640, L_tri = 0.111652.
+    r, K, L, n, lam = 5, 10, 4, 5, 4e-3
+    settings = head_settings(K, K * n, L - 1, lam, lam)
+    opt = dnc_optimum(K, L, n, lam, lam)
+    dnc = dnc_construction(K, L, n, 12, list(opt.mean_norms))
+    _, verdict = compare_network("net", settings, *_state_tables(tmp_path, dnc, K, lam))
+    v = verdict.iloc[0]
+    assert v["recovered_dufm_optimum"] and v["dnc_geometry"]
+    assert v["loss_over_L_tri"] == pytest.approx(0.13640 / 0.111652, rel=1e-4)
+    assert v["verdict_text"].endswith(
+        f"; objective {v['loss_over_L_tri']:.4f} L_tri (L_tri = {0.111652 / 0.13640:.4f} L_DNC), "
+        f"smallest class-mean rank 10 of K = 10 at layer 3 (pre)")
+
+    tri = triangle_optimum(r, L, n, lam, lam)
+    state = DUFMState(H1=torch.tensor(tri.H1), W=[torch.tensor(W) for W in tri.W])
+    objective, metrics, weights = _state_tables(tmp_path, state, K, lam)
+    _, verdict = compare_network("net", settings, objective, metrics, weights)
+    v = verdict.iloc[0]
+    assert v["final_loss"] == pytest.approx(0.111652, rel=1e-5) and v["verdict"] == "below_dnc_low_rank"
+    assert not v["recovered_dufm_optimum"] and not v["dnc_geometry"]
+    assert v["verdict_text"].startswith(f"did not recover DUFM-optimal features: objective "
+                                        f"{0.111652 / 0.13640 - 1:+.1%} vs L_DNC, DNC geometry fails: ")
+    assert v["verdict_text"].endswith("; objective 1.0000 L_tri (L_tri = 0.8186 L_DNC), smallest "
+                                      "class-mean rank 5 of K = 10 at layer 3 (pre)")
+    # Pre-activations have rank r at every hidden layer; after the last ReLU the rank is K.
+    assert hidden_ranks(metrics) == "l2 5/5, l3 5/5, l4 5/10"

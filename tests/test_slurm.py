@@ -71,3 +71,49 @@ def test_pipeline_runs_on_slurm_and_requests_the_gpu(tmp_path):
     gpu_rules = {"train_network", "deep_rfm"}  # the configs give GPUs to these only
     assert all("TresPerJob=gres:gpu:1" in rules[r] for r in gpu_rules)
     assert not [r for r in every_rule - gpu_rules if "TresPerJob=gres:gpu" in rules[r]]
+
+
+def test_job_cancelled_by_slurm_resumes_from_its_checkpoint(tmp_path):
+    """scancel the network training job mid-training: the profile's retry resubmits it and the new
+    job resumes after the last checkpointed epoch; the history has every epoch once."""
+    import time
+
+    import torch
+
+    for name in ("Snakefile", "workflow", "scripts", "config", "profiles"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    cfg = {k: v for k, v in CONFIG.items() if k not in ("dufm", "rfm", "rfm_resources")}
+    cfg["datasets"] = {"big": {"name": "gaussian", "standardize": True,
+                               "gaussian": {"K": 4, "dim": 64, "separation": 3.0, "n": 1500}}}
+    cfg["networks"] = {"defaults": CONFIG["networks"]["defaults"],
+                       "experiments": {"slow": {"dataset": "big", "epochs": 12, "mlp_widths": [256, 256],
+                                                "lambda_H1": 1e-6, "lr": 0.01, "head_width": 64,
+                                                "feature_epochs": [12]}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/nets/slow-s0/history.parquet"
+    cmd = [sys.executable, "-m", "snakemake", "--directory", str(tmp_path), "--snakefile",
+           str(tmp_path / "Snakefile"), "--workflow-profile", str(tmp_path / "profiles" / "slurm"),
+           target, "--configfile", str(tmp_path / "c.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "results/nets/slow-s0/resume/last.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "training finished before it could be cancelled: make it slower"
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i %k %Z"], capture_output=True, text=True).stdout
+    job = next(line.split()[0] for line in jobs.splitlines()
+               if "rule_train_network" in line and str(tmp_path) in line)
+    subprocess.run(["scancel", job], check=True)
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "JobState=CANCELLED" in state  # SLURM did kill the first attempt
+    log = (tmp_path / "logs/train_network/slow-s0.log").read_text()
+    assert re.search(r"resumed after epoch (\d+)", log) and int(
+        re.search(r"resumed after epoch (\d+)", log).group(1)) >= killed_at
+    history = pd.read_parquet(tmp_path / target)
+    assert list(history["epoch"]) == list(range(1, 13))

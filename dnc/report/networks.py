@@ -59,7 +59,10 @@ def net_collapse_figure(metrics: pd.DataFrame, metric: str = "nc1_pinv") -> str:
 
 def net_summary(config: pd.DataFrame, histories: pd.DataFrame, metrics: pd.DataFrame,
                 verdicts: pd.DataFrame) -> pd.DataFrame:
-    """One row per network run: accuracy, collapse of the last head layer, theory gap, verdict."""
+    """One row per network run: accuracy, collapse of the last head layer, the head's DUFM objective
+    over L_DNC (and over L_tri where the triangle construction exists, K = C(r, 2), r >= 5,
+    L >= 3), the class-mean ranks of the hidden head layers at the last epoch, whether the DNC
+    geometry holds at every head layer, and the verdict."""
     rows = []
     for rid in config["run"]:
         h = histories[histories["run"] == rid].sort_values("epoch").iloc[-1]
@@ -75,11 +78,30 @@ def net_summary(config: pd.DataFrame, histories: pd.DataFrame, metrics: pd.DataF
             "nc1_last_head_first": last["value"].iloc[0], "nc1_last_head_last": last["value"].iloc[-1],
             "nc1_drop": last["value"].iloc[0] / last["value"].iloc[-1],
             "nc1_decreases_with_depth": bool((np.diff(depth["value"].to_numpy()) < 0).all()),
-            "dufm_objective": v["final_loss"], "L_DNC": v["L_DNC"], "rel_gap": v["rel_gap"],
+            "dufm_objective": v["final_loss"], "L_DNC": v["L_DNC"],
+            "objective / L_DNC": v.get("loss_over_L_DNC", np.nan),
+            "objective / L_tri": v.get("loss_over_L_tri", np.nan),
+            "ranks pre/post": hidden_ranks(metrics[metrics["run"] == rid]),
+            "dnc_geometry": bool(v.get("dnc_geometry", False)),
             "structure_failed": v["structure_failed"],
             "recovered_dufm_optimum": bool(v.get("recovered_dufm_optimum", False)),
         })
     return pd.DataFrame(rows)
+
+
+def hidden_ranks(metrics: pd.DataFrame) -> str:
+    """Class-mean ranks (rank_means) of the hidden head layers at the last epoch, train split, as
+    "l2 9/10, l3 8/10": pre-activation / post-activation rank per layer (DNC: K everywhere)."""
+    m = metrics[(metrics["metric"] == "rank_means") & (metrics["split"] == "train")
+                & metrics["representation"].isin(["pre", "post"])]
+    m = m[m["step"] == m["step"].max()]
+    ranks = m.pivot_table(index="layer", columns="representation", values="value", aggfunc="first")
+    return ", ".join(f"l{int(layer)} {_rank(r.get('pre'))}/{_rank(r.get('post'))}"
+                     for layer, r in ranks.iterrows())
+
+
+def _rank(value) -> str:
+    return "?" if value is None or not np.isfinite(value) else f"{value:.0f}"
 
 
 def render_network_section(config: pd.DataFrame, histories: pd.DataFrame, metrics: pd.DataFrame,
@@ -90,8 +112,13 @@ def render_network_section(config: pd.DataFrame, histories: pd.DataFrame, metric
              "<p class='note'>Backbone output = H<sub>1</sub>; head = bias-free FC+ReLU layers and "
              "a linear classifier trained with the DUFM penalties. nc1_drop: NC1 of the last hidden "
              "head layer at the first measured epoch over the last. The DUFM objective of the trained "
-             "head is compared with L_DNC for the same K, n = N/K, lambdas and depth; 'recovered' "
-             "means within theory.network_tolerances.</p>",
+             "head is compared with L_DNC for the same K, n = N/K, lambdas and depth, and with L_tri "
+             "(the low-rank triangle construction) where it exists (K = C(r, 2), r &ge; 5, L &ge; 3). "
+             "ranks pre/post: class-mean rank before / after the ReLU of each hidden head layer at "
+             "the last epoch (DNC: K everywhere). dnc_geometry: DNC1, orthogonal equal-norm means "
+             "and aligned weights within theory.network_tolerances at every head layer. 'recovered' "
+             "means the objective within loss_rtol (default 1 %) of L_DNC and every layer check "
+             "within theory.network_tolerances.</p>",
              table(summary),
              img(net_training_figure(histories)),
              img(net_collapse_figure(metrics)),
