@@ -76,3 +76,23 @@ def per_run(pattern, runs=None):
 
 def get_final_outputs():
     return ["results/report/index.html", "results/report/summary.parquet"]
+
+
+def build_partial_report():
+    """After a failed run (with --keep-going, once every other job has finished): build the report
+    from the runs that finished and list those that did not (dnc.report.status). Only when the
+    report was a target of this invocation, and not when partial_report is false."""
+    if not config.get("partial_report", True):
+        return
+    if not any(job.rule.name == "build_report" for job in workflow.dag.jobs):
+        return
+    report_rule = workflow.get_rule("build_report")
+    inputs = {key: list(report_rule.input[key]) for key in report_rule.input.keys()}
+    try:
+        missing = write_report(inputs, RUNS, NET_RUNS, RFM_RUNS, [str(f) for f in workflow.configfiles],
+                               *report_rule.output, partial=True)
+    except Exception as e:  # the failed jobs are the error to report; this is a convenience
+        logger.warning(f"could not build a partial report: {type(e).__name__}: {e}")
+        return
+    logger.warning(f"partial report of the runs that finished, {len(missing)} run(s) missing: "
+                   f"{report_rule.output[1]}")
