@@ -9,14 +9,16 @@ from dnc.io import write_parquet
 from dnc.layout import folder_files
 from dnc.logs import configure_logging
 from dnc.metrics import Convention
-from dnc.metrics.streaming import files_metrics
+from dnc.metrics.streaming import empty_metrics, files_metrics
 
 log = configure_logging(snakemake.log[0])  # noqa: F821
 inp, p = snakemake.input, snakemake.params  # noqa: F821
 convention = Convention(**p.convention)
 features, weights = folder_files(inp.folder)
+# No feature file: a diverged run that reached no feature epoch (dnc.nets.train).
 table = files_metrics(features, weights, run=snakemake.wildcards.run,  # noqa: F821
-                      convention=convention, batch_rows=p.batch_rows, device=p.device)
+                      convention=convention, batch_rows=p.batch_rows, device=p.device) \
+    if features else empty_metrics()
 log.info("%d metric values for %d (step, split, representation) groups", len(table),
          table.groupby(["step", "split", "layer", "representation"]).ngroups)
 write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})  # noqa: F821

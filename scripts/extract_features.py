@@ -1,19 +1,22 @@
 """Per-layer features of a trained network at each feature epoch, for the train and test splits.
 
 Outputs: the feature folder (dnc.layout: epoch<E>_<split>.parquet and epoch<E>_weights.parquet)
-and the DUFM objective of the head (backbone output as H_1, train split) at each epoch.
+and the DUFM objective of the head (backbone output as H_1, train split) at each epoch; of a
+diverged run, only the feature epochs it reached (none: an empty folder and objective table).
 """
+
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from dnc.data import read_split
 from dnc.device import resolve_device
-from dnc.io import write_features, write_parquet, write_weights
+from dnc.io import read_frame, write_features, write_parquet, write_weights
 from dnc.layout import feature_file, snapshot_file, weights_file
 from dnc.logs import configure_logging
 from dnc.nets.extract import head_objective, network_features
-from dnc.nets.train import restore_net
+from dnc.nets.train import reached_epochs, restore_net
 
 log = configure_logging(snakemake.log[0])  # noqa: F821
 run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input  # noqa: F821
@@ -22,8 +25,11 @@ device = str(resolve_device(p.device))
 splits = {s: read_split(inp.dataset, s) for s in ("train", "test")}
 K = splits["train"][2]["num_classes"]
 
+history = read_frame(inp.history, {"epoch": "int", "train_loss": "float"})
+out_dir = Path(out.features)
+out_dir.mkdir(parents=True, exist_ok=True)
 rows = []
-for epoch in p.settings["feature_epochs"]:
+for epoch in reached_epochs(p.settings["feature_epochs"], history):
     net, _ = restore_net(snapshot_file(inp.snapshots, epoch), device)
     weights = [w.detach().cpu().numpy() for w in net.head.weights]
     write_weights(weights_file(out.features, epoch), weights, {"dnc:run": run_id, "dnc:step": epoch})
@@ -35,4 +41,4 @@ for epoch in p.settings["feature_epochs"]:
             terms = head_objective(cols[0][1], y, weights, K, p.settings["lambda_H1"], p.settings["lambda_W"])
     rows.append({"run": run_id, "epoch": epoch, **terms})
     log.info("epoch %d: DUFM objective of the head %s", epoch, rows[-1])
-write_parquet(pd.DataFrame(rows), out.objective)
+write_parquet(pd.DataFrame(rows, columns=None if rows else ["run", "epoch", "loss"]), out.objective)

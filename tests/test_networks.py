@@ -71,6 +71,23 @@ def test_non_finite_loss_is_named(tmp_path):
         train_network(cfg(lr=1e12, loss="mse"), gaussian_data(), tmp_path, 4, run="boom", progress=False)
 
 
+def test_a_diverging_run_stops_with_a_non_finite_row(tmp_path):
+    """on_nonfinite="stop": the run ends at the epoch where the loss became non-finite; only the
+    feature epochs before it count as reached; a finite run reaches them all."""
+    import math
+
+    from dnc.nets.train import diverged_epoch, reached_epochs
+
+    rows = train_network(cfg(lr=1e12, loss="mse", feature_epochs=(0, 1, 3)), gaussian_data(), tmp_path,
+                         4, run="boom", progress=False, on_nonfinite="stop")
+    assert [r["epoch"] for r in rows] == [1] and not math.isfinite(rows[-1]["train_loss"])
+    assert math.isnan(rows[-1]["test_acc"])
+    assert diverged_epoch(rows) == 1 and reached_epochs([0, 1, 3], rows) == [0]
+    assert not (tmp_path / "last.pt").exists()  # nothing saved of the non-finite parameters
+    fine = train_network(cfg(), gaussian_data(), tmp_path / "fine", 4, progress=False, on_nonfinite="stop")
+    assert diverged_epoch(fine) is None and reached_epochs([0, 2, 4], fine) == [0, 2, 4]
+
+
 def test_training_learns_and_collapses(tmp_path):
     from dnc.metrics import layer_metrics
 

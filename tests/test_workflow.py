@@ -205,7 +205,8 @@ def test_diverged_run_is_a_result_and_a_failed_job_leaves_a_partial_report(tmp_p
     cfg["dufm"]["experiments"] = {"boom": {"lr": 1.0e6, "log_every": 1},
                                   "fine": {"steps": 300}}
     cfg["datasets"]["absent"] = {"name": "mnist", "root": str(tmp_path / "no-such-folder")}
-    cfg["networks"]["experiments"] = {"net": {}, "lost": {"dataset": "absent"}}
+    cfg["networks"]["experiments"] = {"net": {}, "lost": {"dataset": "absent"},
+                                      "wild": {"lr": 1.0e6, "feature_epochs": [0, 4]}}
     cfg.pop("rfm")
     out = snakemake(wd, cfg, "--keep-going")
     assert out.returncode != 0  # the failed dataset job is still an error
@@ -220,12 +221,22 @@ def test_diverged_run_is_a_result_and_a_failed_job_leaves_a_partial_report(tmp_p
     assert pd.read_parquet(wd / "results/metrics/boom-s0/metrics.parquet").empty  # nothing measured
     assert pd.read_parquet(wd / "results/theory/fine-s0/verdict.parquet")["verdict"].iloc[0] != "diverged"
 
+    # A diverged network: measured at the feature epochs it reached (0), verdict "diverged".
+    net_history = pd.read_parquet(wd / "results/nets/wild-s0/history.parquet")
+    assert not np.isfinite(net_history["train_loss"].iloc[-1])
+    net_verdict = pd.read_parquet(wd / "results/theory/wild-s0/verdict.parquet").iloc[0]
+    assert net_verdict["verdict"] == "diverged" and net_verdict["steps"] == net_history["epoch"].iloc[-1]
+    assert set(pd.read_parquet(wd / "results/metrics/wild-s0/metrics.parquet")["step"]) == {0}
+    assert set(pd.read_parquet(wd / "results/analysis/wild-s0/analysis.parquet")["step"]) == {0}
+
     html = (wd / "results/report/index.html").read_text()
     assert "Incomplete report: 1 run(s) did not finish" in html
     assert "lost-s0" in html and "results/nets/lost-s0/history.parquet" in html
-    assert "Diverged runs" in html and "boom-s0" in html
+    assert "Diverged DUFM runs" in html and "boom-s0" in html
+    assert "Diverged network runs" in html and "wild-s0" in html
     summary = pd.read_parquet(wd / "results/report/summary.parquet")
-    assert {"fine-s0", "net-s0"} <= set(summary["run"]) and not {"lost-s0", "boom-s0"} & set(summary["run"])
+    assert {"fine-s0", "net-s0"} <= set(summary["run"])
+    assert not {"lost-s0", "boom-s0", "wild-s0"} & set(summary["run"])
 
 
 def test_no_partial_report_when_switched_off(tmp_path):

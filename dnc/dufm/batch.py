@@ -24,7 +24,7 @@ from dnc.dufm.model import feature_columns
 from dnc.dufm.train import train_dufm_batch
 from dnc.io import read_weights, write_features, write_parquet, write_weights
 from dnc.metrics import Convention
-from dnc.metrics.streaming import METRICS_COLUMNS, TIDY_COLUMNS, files_metrics
+from dnc.metrics.streaming import empty_metrics, files_metrics
 from dnc.settings import DUFMConfig
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def run_batch(runs: Sequence[str], settings: Mapping[str, Mapping], paths: Mappi
         write_features(p.features, labels, columns, predictions, meta)
         write_parquet(history, p.history, meta)
         if diverged:  # no metrics on non-finite parameters
-            metrics = _empty_metrics()
+            metrics = empty_metrics()
             comparison, verdict = diverged_run(run, settings[run], history)
         else:
             metrics = files_metrics([p.features], [p.weights], run=run, convention=convention,
@@ -95,9 +95,3 @@ def run_batch(runs: Sequence[str], settings: Mapping[str, Mapping], paths: Mappi
         verdicts.append(verdict)
     return pd.concat(verdicts, ignore_index=True)
 
-
-def _empty_metrics() -> pd.DataFrame:
-    """A tidy metrics table with no rows (the columns and dtypes of files_metrics')."""
-    kinds = {"string": "string", "int": "int64", "float": "float64"}
-    return pd.DataFrame({c: pd.Series(dtype=kinds[METRICS_COLUMNS.get(c, "string")])
-                         for c in TIDY_COLUMNS})

@@ -24,7 +24,7 @@ from dnc.metrics.formulas import Convention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["feature_file_metrics", "files_metrics", "TIDY_COLUMNS", "METRICS_COLUMNS"]
+__all__ = ["feature_file_metrics", "files_metrics", "empty_metrics", "TIDY_COLUMNS", "METRICS_COLUMNS"]
 
 TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "value", "convention"]
 # Kinds of the tidy columns, for dnc.io.read_frame checks of a metrics file.
@@ -153,3 +153,10 @@ def _num_classes(path: str | os.PathLike) -> int:
             break
         top = max(top, int(stats.max))
     return top + 1
+
+
+def empty_metrics() -> pd.DataFrame:
+    """A tidy metrics table with no rows: the columns (TIDY_COLUMNS) and dtypes of a real one, for
+    runs with nothing to measure (a diverged run)."""
+    kinds = {"string": "string", "int": "int64", "float": "float64"}
+    return pd.DataFrame({c: pd.Series(dtype=kinds[METRICS_COLUMNS.get(c, "string")]) for c in TIDY_COLUMNS})

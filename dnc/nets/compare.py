@@ -24,9 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from dnc.dufm.compare import Tolerances, compare_run, rank_columns
+from dnc.dufm.compare import Tolerances, compare_run, diverged_run, rank_columns
 
 __all__ = ["NETWORK_TOLERANCES", "COMPARISON_COLUMNS", "GEOMETRY_QUANTITIES", "head_settings",
+           "diverged_network",
            "compare_network"]
 
 # Defaults of theory.network_tolerances: "recovered" means the objective within 1 % of L_DNC and
@@ -151,3 +152,19 @@ def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
              "rel_gap": "float64", "tolerance": "float64"}
     empty = pd.DataFrame({c: pd.Series(dtype=kinds.get(c, "object")) for c in COMPARISON_COLUMNS})
     return empty, verdict
+
+
+def diverged_network(run: str, settings: Mapping, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Empty comparison and the "diverged" verdict of a network whose training loss became NaN or
+    inf (dnc.nets.train.diverged_epoch): dnc.dufm.compare.diverged_run on the training history,
+    with the network verdict's own columns; steps and epoch are the epoch where it diverged.
+
+    settings: head_settings(...), plus "lr" to name it in the verdict text.
+    """
+    steps = pd.DataFrame({"step": history["epoch"], "loss": history["train_loss"],
+                          "grad_norm": history["train_loss"]})
+    comparison, verdict = diverged_run(run, settings, steps)
+    verdict["verdict_text"] = verdict["verdict_text"].str.replace(" at step ", " at epoch ", regex=False)
+    verdict = verdict.assign(recovered_dufm_optimum=False, dnc_geometry=False, geometry_failed=0,
+                             epoch=int(history["epoch"].iloc[-1]), n=float(settings["n"]))
+    return comparison, verdict

@@ -16,6 +16,11 @@ history) are written atomically to <resume>/last.pt every checkpoint_every epoch
 and refuses otherwise. They load with torch.load(weights_only=True): a checkpoint cannot run code.
 The resume folder is the training job's private scratch space; export_snapshots copies the
 feature epochs to the declared output folder that feature extraction reads.
+
+Divergence (on_nonfinite="stop", as the pipeline trains): a non-finite mini-batch loss ends the run
+with a last history row whose train_loss is that value and whose other measurements are NaN; the
+later stages measure only the feature epochs reached before it (reached_epochs) and the run's
+verdict is "diverged" (docs/schemas.md).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from dnc.settings import NetConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_network", "load_checkpoint", "restore_net", "export_snapshots", "sample_loss"]
+__all__ = ["train_network", "load_checkpoint", "restore_net", "export_snapshots", "sample_loss",
+           "diverged_epoch", "reached_epochs"]
 
 
 def targets_for(y: torch.Tensor, K: int, kind: str) -> torch.Tensor:
@@ -108,6 +114,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
 def train_network(
     cfg: NetConfig, data: dict, resume_dir: str | Path, num_classes: int, run: str = "net",
     progress: bool = True, stop_after: int | None = None, on_conflict: str = "error",
+    on_nonfinite: str = "raise",
 ) -> list[dict]:
     """Train (or resume) and return the history rows (one per epoch).
 
@@ -115,7 +122,12 @@ def train_network(
     stop_after: end after this epoch as a killed job would (tests of resume).
     on_conflict: what to do with a checkpoint of another config: "error" (refuse) or "restart"
         (discard the old checkpoints: the pipeline reruns a job because its settings changed).
+    on_nonfinite: "raise" NonFiniteLossError, or "stop": end the run with a last row holding the
+        non-finite train_loss and NaN elsewhere (diverged_epoch finds it); no checkpoint is written
+        of the non-finite parameters.
     """
+    if on_nonfinite not in ("raise", "stop"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'stop', got {on_nonfinite!r}")
     from tqdm.auto import tqdm
 
     dev = resolve_device(cfg.device)
@@ -166,8 +178,16 @@ def train_network(
             logits, h = net(xb)
             loss = (sample_loss(logits, yb, cfg.loss) + 0.5 * N * cfg.lambda_H1 * (h**2).sum(1)).mean()
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"run {run!r}: non-finite loss {float(loss.detach())} at epoch "
-                                         f"{epoch}, batch {i // cfg.batch_size}; lower lr ({cfg.lr})")
+                message = (f"run {run!r}: non-finite loss {float(loss.detach())} at epoch {epoch}, batch "
+                           f"{i // cfg.batch_size}; lower lr ({cfg.lr})")
+                if on_nonfinite == "raise":
+                    raise NonFiniteLossError(message)
+                log.warning("%s: the run diverged and stops here", message)
+                history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                                **{f"{s}_{m}": math.nan for s in data for m in ("loss", "acc")},
+                                "train_loss": float(loss.detach())})
+                bar.close()
+                return history
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -186,6 +206,23 @@ def train_network(
             break
     bar.close()
     return history
+
+
+def diverged_epoch(history) -> int | None:
+    """The epoch where a run diverged (its last history row has a non-finite train_loss), or None.
+
+    history: the rows of train_network, as a list of dicts or a DataFrame.
+    """
+    rows = history.to_dict("records") if hasattr(history, "to_dict") else list(history)
+    if not rows or math.isfinite(float(rows[-1]["train_loss"])):
+        return None
+    return int(rows[-1]["epoch"])
+
+
+def reached_epochs(feature_epochs, history) -> list[int]:
+    """The feature epochs whose parameters exist: all of them, or those before the divergence."""
+    stop = diverged_epoch(history)
+    return [int(e) for e in feature_epochs if stop is None or e < stop]
 
 
 def restore_net(path: str | Path, device: str = "cpu") -> tuple[Net, dict]:

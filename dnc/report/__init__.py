@@ -44,23 +44,23 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     gone = set(missing["run"])
     runs, net_runs, rfm_runs = ({r: s for r, s in x.items() if r not in gone}
                                 for x in (runs, net_runs, rfm_runs))
-    all_config, net_config = config_frame(runs), net_config_frame(net_runs)
+    all_config, all_net_config = config_frame(runs), net_config_frame(net_runs)
     rfm_config = net_config_frame(rfm_runs)
-    # Diverged DUFM runs are listed on their own; sections, claims and figures show the others.
-    diverged = diverged_ids(tables["verdicts"])
-    config = all_config[~all_config["run"].isin(diverged)] if not all_config.empty else all_config
-    dufm_tables = {k: tables[k][~tables[k]["run"].isin(diverged)] if "run" in tables[k] else tables[k]
-                   for k in ("histories", "metrics", "comparisons", "verdicts")}
+    # Diverged runs are listed on their own; sections, claims, figures and the summary show the others.
+    diverged = diverged_ids(tables["verdicts"]) | diverged_ids(tables["net_verdicts"])
+    config, net_config = (c[~c["run"].isin(diverged)] if not c.empty else c
+                          for c in (all_config, all_net_config))
+    all_verdicts, all_net_verdicts = tables["verdicts"], tables["net_verdicts"]
+    tables = {k: t[~t["run"].isin(diverged)] if "run" in t else t for k, t in tables.items()}
     parts, summaries = [render_missing(missing, kinds)], []
     if not config.empty:
-        summaries.append(summary_table(config, dufm_tables["metrics"], dufm_tables["verdicts"])
-                         .assign(kind="dufm"))
+        summaries.append(summary_table(config, tables["metrics"], tables["verdicts"]).assign(kind="dufm"))
     if not net_config.empty:
         summaries.append(summary_table(net_config, tables["net_metrics"], tables["net_verdicts"])
                          .assign(kind="network"))
     if not rfm_config.empty:
         summaries.append(summary_table(rfm_config, tables["rfm_metrics"]).assign(kind="rfm"))
-    claims = claims_table(config, dufm_tables["verdicts"], net_config, tables["net_verdicts"])
+    claims = claims_table(config, tables["verdicts"], net_config, tables["net_verdicts"])
     extra = rfm_claims(rfm_config, tables["rfm_metrics"]) + (
         analysis_claims(tables["analyses"]) if not tables["analyses"].empty else [])
     claims = pd.concat([claims, pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"],
@@ -68,19 +68,20 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     conventions = sorted({c for key in ("metrics", "net_metrics", "rfm_metrics")
                           if "convention" in tables[key] for c in tables[key]["convention"]})
     parts.append(f"<p class='note'>Config: {esc(', '.join(configfiles) or 'config/config.yaml')}; "
-                 f"{len(all_config)} DUFM runs ({len(diverged)} diverged), {len(net_config)} network "
-                 f"runs, {len(rfm_config)} Deep RFM runs. Metric convention: "
+                 f"{len(all_config)} DUFM runs, {len(all_net_config)} network runs, {len(rfm_config)} "
+                 f"Deep RFM runs ({len(diverged)} diverged). Metric convention: "
                  f"<code>{esc('; '.join(conventions))}</code> (docs/metrics.md).</p>")
     parts += ["<h2>Claims tested by this run</h2>",
               table(claims, verdict_col="verdict", code_col="code",
                     text_cols=("claim", "source", "run ids", "evidence"))]
     if diverged:
-        parts.append(render_diverged(all_config, tables["verdicts"]))
+        parts.append(render_diverged(all_config, all_verdicts, "DUFM"))
+        parts.append(render_diverged(all_net_config, all_net_verdicts, "network"))
     if not config.empty:
-        parts.append(render_dufm_section(config, dufm_tables["histories"], dufm_tables["metrics"],
-                                         dufm_tables["comparisons"], dufm_tables["verdicts"]))
-        parts.append(render_lowrank_section(config, dufm_tables["histories"], dufm_tables["metrics"],
-                                            dufm_tables["verdicts"]))
+        parts.append(render_dufm_section(config, tables["histories"], tables["metrics"],
+                                         tables["comparisons"], tables["verdicts"]))
+        parts.append(render_lowrank_section(config, tables["histories"], tables["metrics"],
+                                            tables["verdicts"]))
     if not net_config.empty:
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))

@@ -67,18 +67,21 @@ def diverged_ids(verdicts: pd.DataFrame) -> set[str]:
     return set(verdicts.loc[verdicts["verdict"] == "diverged", "run"])
 
 
-def render_diverged(config: pd.DataFrame, verdicts: pd.DataFrame) -> str:
-    """A table of the diverged DUFM runs: their settings, the step and the last finite loss."""
+def render_diverged(config: pd.DataFrame, verdicts: pd.DataFrame, kind: str = "DUFM") -> str:
+    """A table of the diverged runs of one kind (DUFM, network): their settings, the step (epoch)
+    where the loss became non-finite and the last finite loss."""
     ids = diverged_ids(verdicts)
     if not ids:
         return ""
-    v = verdicts[verdicts["run"].isin(ids)].merge(
-        config[["run", "experiment", "K", "L", "width", "lr", "optimizer", "lambda_H1"]], on="run")
-    rows = v[["run", "experiment", "K", "L", "width", "optimizer", "lr", "lambda_H1", "steps",
-              "final_loss", "verdict_text"]].rename(columns={
-                  "steps": "diverged at step", "final_loss": "last finite loss", "verdict_text": "verdict"})
-    return ("<h3>Diverged runs</h3><p class='note'>A run whose loss became NaN or inf stops there; it "
-            "is a result (its learning rate is too large for its settings), not a failed job. Nothing "
-            f"is measured on its parameters, and it is left out of the figures and claims below.</p>"
+    settings = [c for c in ("experiment", "dataset", "K", "L", "width", "head_width", "optimizer", "lr",
+                            "lambda_H1") if c in config]
+    v = verdicts[verdicts["run"].isin(ids)].merge(config[["run", *settings]], on="run")
+    unit = "step" if kind == "DUFM" else "epoch"
+    rows = v[["run", *settings, "steps", "final_loss", "verdict_text"]].rename(columns={
+        "steps": f"diverged at {unit}", "final_loss": "last finite loss", "verdict_text": "verdict"})
+    return (f"<h3>Diverged {esc(kind)} runs</h3><p class='note'>A run whose loss became NaN or inf "
+            "stops there; it is a result (its learning rate is too large for its settings), not a "
+            "failed job. Nothing is measured on the non-finite parameters, and the run is left out of "
+            "the figures, claims and summary.parquet.</p>"
             f"{table(rows.assign(code='does_not_hold'), verdict_col='verdict', code_col='code')}"
             f"<p class='note'>{esc(len(rows))} diverged run(s).</p>")

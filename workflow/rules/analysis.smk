@@ -5,6 +5,7 @@ rule analyze_network:
         run=NET_RUN,
     input:
         dataset=net_dataset,
+        history="results/nets/{run}/history.parquet",
         snapshots="results/nets/{run}/snapshots",
     output:
         analysis="results/analysis/{run}/analysis.parquet",

@@ -41,6 +41,7 @@ rule extract_features:
         run=NET_RUN,
     input:
         dataset=net_dataset,
+        history="results/nets/{run}/history.parquet",
         snapshots="results/nets/{run}/snapshots",
     output:
         features=directory("results/nets/{run}/features"),

@@ -4,6 +4,7 @@ rule compare_network:
         run=NET_RUN,
     input:
         dataset=net_dataset,
+        history="results/nets/{run}/history.parquet",
         objective="results/nets/{run}/objective.parquet",
         metrics="results/metrics/{run}/metrics.parquet",
         features="results/nets/{run}/features",
