@@ -241,7 +241,8 @@ def test_a_binary_head_is_recovered_only_within_one_percent_of_L_DNC(tmp_path, s
         f"{'recovered' if recovered else 'did not recover'} DUFM-optimal features: objective "
         f"{v['rel_gap']:+.1%} vs L_DNC, DNC geometry at every head layer, 0 of "
         f"{v['structure_checks']} layer checks fail")
-    _, loose = compare_network("net", settings, *tables, tolerances={"structure_rtol": 1.0, "loss_rtol": 0.1})
+    _, loose = compare_network("net", settings, *tables,
+                               tolerances={"structure_rtol": 1.0, "loss_rtol": 0.1})
     assert loose.iloc[0]["recovered_dufm_optimum"]
     # With the default structure tolerance (10 %) the unbalanced penalties fail on their own.
     _, default = compare_network("net", settings, *tables)

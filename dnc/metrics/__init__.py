@@ -9,6 +9,8 @@ from dnc.metrics.accumulators import (
     metrics_from_chunks,
 )
 from dnc.metrics.formulas import ClassMeans, Convention, MeansGeometry, means_metrics, weight_metrics
+from dnc.metrics.ood import OODAccumulator, ood_metrics
 
 __all__ = ["Convention", "ClassMeanAccumulator", "ClassMeans", "MeansGeometry", "ResidualAccumulator",
-           "check_finite", "layer_metrics", "means_metrics", "metrics_from_chunks", "weight_metrics"]
+           "check_finite", "layer_metrics", "means_metrics", "metrics_from_chunks", "weight_metrics",
+           "OODAccumulator", "ood_metrics"]

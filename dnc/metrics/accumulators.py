@@ -20,12 +20,13 @@ from dnc.metrics.formulas import (
     ClassMeans,
     Convention,
     MeansGeometry,
-    cdnv,
+    is_classifier,
     means_metrics,
     pinv_trace,
     spectra,
     weight_metrics,
 )
+from dnc.metrics.pairwise import row_tiles
 
 __all__ = [
     "Convention",
@@ -64,6 +65,7 @@ class ClassMeanAccumulator:
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(num_classes, dim, dtype=ACC, device=self.device)
         self.rows = 0
+        self._work = _WorkBuffer()
 
     def accumulate(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
         """Add one chunk: features (b, d) of any float dtype, labels (b,) in [0, num_classes)."""
@@ -72,7 +74,9 @@ class ClassMeanAccumulator:
         _check_chunk(H, y, self.K, self.d, self.name)
         self.counts += torch.bincount(y, minlength=self.K)
         for i, j in _blocks(H):
-            self.sums.index_add_(0, y[i:j], H[i:j].to(ACC))  # (K, d) += one-hot^T H, float64
+            X = self._work.get(j - i, H)
+            X.copy_(H[i:j])  # float64 copy of the block
+            self.sums.index_add_(0, y[i:j], X)  # (K, d) += one-hot^T H, float64
         # NaN/inf in the chunk propagate into the sums: check K x d numbers, not b x d.
         if not bool(torch.isfinite(self.sums).all()):
             check_finite(H, self.name, self.rows)
@@ -92,7 +96,7 @@ class ClassMeanAccumulator:
         )
 
 
-BLOCK_ELEMENTS = 1 << 20  # float64 work blocks of 8 MiB stay in cache on CPU
+BLOCK_ELEMENTS = 1 << 18  # float64 work blocks of 2 MiB stay in cache on CPU (measured: 8 MiB is 25% slower)
 
 
 def _blocks(H: torch.Tensor) -> list[tuple[int, int]]:
@@ -101,6 +105,25 @@ def _blocks(H: torch.Tensor) -> list[tuple[int, int]]:
     b = H.shape[0]
     step = b if H.is_cuda else max(1, BLOCK_ELEMENTS // max(1, H.shape[1]))
     return [(i, min(i + step, b)) for i in range(0, b, step)]
+
+
+class _WorkBuffer:
+    """One float64 block buffer reused for every block and chunk.
+
+    A fresh multi-megabyte tensor per block costs page faults on every allocation (the allocator
+    hands large blocks back to the system): at d = 4096 that tripled the time of pass 2.
+    """
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def get(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, d) float64 view on like's device; contents undefined."""
+        d = like.shape[1]
+        b = self.buf
+        if b is None or b.shape[1] != d or b.shape[0] < rows or b.device != like.device:
+            self.buf = b = torch.empty(rows, d, dtype=ACC, device=like.device)
+        return b[:rows]
 
 
 def _check_chunk(H: torch.Tensor, y: torch.Tensor, K: int, d: int, name: str) -> None:
@@ -115,35 +138,71 @@ def _check_chunk(H: torch.Tensor, y: torch.Tensor, K: int, d: int, name: str) ->
                          f"[{int(y.min())}, {int(y.max())}]")
 
 
+NCC_ELEMENTS = 1 << 21  # entries of one (rows x K) float64 distance or logit block (16 MiB)
+MEANS_LOGITS_ELEMENTS = 1 << 24  # largest K x num_labels table of the means' logits (128 MiB)
+
+
 class ResidualAccumulator:
     """Pass 2: within-class sums given the pass-1 means.
 
     Accumulates per class sum ||h_i - mu_{y_i}||^2 and the q x q matrix C = sum_i (Q^T r_i)(Q^T
-    r_i)^T of the residuals r_i = h_i - mu_{y_i} projected on an orthonormal basis Q (d x q, q <= K)
-    of the span of the class means: every Sigma_B^+ lives in that span, so C suffices for both
-    global-mean conventions and for He & Su's weighted SS_B. Nearest-class-centre distances are
+    r_i)^T of the residuals r_i = h_i - mu_{y_i} projected on an orthonormal basis Q (d x q,
+    q <= min(K, d)) of the span of the class means: every Sigma_B^+ lives in that span, so C
+    suffices for both global-mean conventions and for He & Su's weighted SS_B. When the means span
+    R^d (K > d) Q is the identity and the projection is skipped. Nearest-class-centre distances are
     read off the same projection (the part of h outside span Q is the same for every class), so
-    NC4 costs no extra GEMM. Optionally the d x d scatter r^T r (spectra).
+    NC4 costs no extra projection; with the classifier weight, its decisions argmax_k w_k^T h
+    give nc4_classifier and classifier_error without stored predictions. Both decisions cost
+    O(K min(K, d)) per sample and are skipped above Convention.ncc_max_classes. Optionally the
+    d x d scatter r^T r (spectra).
+
+    Args:
+        means: pass-1 state. convention: metric conventions. name: for error messages.
+        weight: optional (d_out, d) weight acting on these features (NC3 family in compute()).
+        classifier: whether weight maps these features to the logits (None: when d_out equals
+            the number of labels); the classifier decisions need it.
     """
 
     def __init__(self, means: ClassMeans, convention: Convention = Convention(),
-                 name: str = "layer") -> None:
+                 name: str = "layer", weight: torch.Tensor | np.ndarray | None = None,
+                 classifier: bool | None = None) -> None:
         self.means, self.conv, self.name = means, convention, name
         K, d, dev = means.K, means.M.shape[0], means.M.device
         self.geo = MeansGeometry.of(means, convention)
         self.Q = self.geo.Q  # (d, q)
         self.QM = self.Q.T @ means.M  # (q, K) class means in the basis
+        self.QM2 = (self.QM**2).sum(0)  # (K,)
         # Label id -> column of M (-1 for classes without samples).
         self.col = torch.full((means.num_labels,), -1, dtype=torch.int64, device=dev)
         self.col[means.classes] = torch.arange(K, device=dev)
         self.Mt = means.M.T.contiguous()  # (K, d)
         self.ss = torch.zeros(K, dtype=ACC, device=dev)
         self.C = torch.zeros(self.Q.shape[1], self.Q.shape[1], dtype=ACC, device=dev)
+        self.ncc = convention.ncc_enabled(K)
         self.ncc_wrong = 0
         self.nc4_diff = 0
         self.nc4_rows = 0
-        self.scatter = torch.zeros(d, d, dtype=ACC, device=dev) if convention.spectra else None
+        self.weight = None if weight is None else _as_tensor(weight, dev).to(ACC)
+        self.classifier = classifier
+        self.Wt = None  # (d, num_labels) when the classifier decisions are accumulated
+        self.WM = None  # (K, num_labels) logits of the class means
+        self.QW = None  # (d, q + num_labels): [Q, W^T], one product gives P and W r
+        if self.weight is not None and self.ncc and is_classifier(self.weight, means, classifier):
+            self.Wt = self.weight.T.contiguous()
+            if K * self.Wt.shape[1] <= MEANS_LOGITS_ELEMENTS:
+                # W h = W r + W mu_y: the logits come from the residual block already in cache,
+                # and with Q in the same product they cost no extra pass over it.
+                self.WM = self.Mt @ self.Wt
+                if not self.geo.identity:
+                    self.QW = torch.cat([self.Q, self.Wt], dim=1)
+        self.clf_diff = 0
+        self.clf_wrong = 0
+        # With Q = I the scatter is C itself.
+        self.scatter = (torch.zeros(d, d, dtype=ACC, device=dev)
+                        if convention.spectra and not self.geo.identity else None)
         self.rows = 0
+        self._work = _WorkBuffer()
+        self._gather = _WorkBuffer()
 
     def accumulate(self, features, labels, predictions=None) -> None:
         """Add one chunk: features (b, d), labels (b,), optional model predictions (b,)."""
@@ -157,28 +216,58 @@ class ResidualAccumulator:
         ss_before = self.ss.sum()
         for i, j in _blocks(H):
             cb = c[i:j]
-            R = H[i:j].to(ACC, copy=True)  # (b, d) float64 copy of the block ...
-            R.sub_(self.Mt.index_select(0, cb))  # ... minus its class means: residuals
-            P = R @ self.Q  # (b, q)
+            # Residuals in float64, one fused pass: R = H - mu_y (the float32 block is promoted).
+            R = torch.sub(H[i:j], torch.index_select(self.Mt, 0, cb, out=self._gather.get(j - i, H)),
+                          out=self._work.get(j - i, H))
+            logits = None
+            if self.QW is not None:
+                PW = R @ self.QW  # (b, q + num_labels)
+                P, logits = PW[:, :self.Q.shape[1]], PW[:, self.Q.shape[1]:]
+            else:
+                P = R if self.geo.identity else R @ self.Q  # (b, q)
+                if self.WM is not None:
+                    logits = R @ self.Wt
+            if logits is not None:
+                logits += self.WM.index_select(0, cb)
             self.C.addmm_(P.T, P)
             if self.scatter is not None:
                 self.scatter.addmm_(R.T, R)  # (d, d)
             self.ss.index_add_(0, cb, torch.linalg.vector_norm(R, dim=1).square_())
-            # Nearest class centre inside span Q: Q^T h = P + Q^T mu_y.
-            Ph = P + self.QM.T[cb]  # (b, q)
-            dist = (Ph * Ph).sum(1, keepdim=True) - 2 * Ph @ self.QM + (self.QM**2).sum(0)  # (b, K)
-            ncc = dist.argmin(dim=1)
-            self.ncc_wrong += int((ncc != cb).sum())
-            if pred is not None:
-                self.nc4_diff += int((self.means.classes[ncc] != pred[i:j]).sum())
-        if pred is not None:
+            if self.ncc:
+                # Without the means' logits (K x num_labels too large) the classifier reads h:
+                # an exact float64 copy in the gather buffer, whose means are spent.
+                Hd = (self._gather.get(j - i, H).copy_(H[i:j])
+                      if self.Wt is not None and logits is None else None)
+                self._decisions(P, cb, y[i:j], None if pred is None else pred[i:j], logits, Hd)
+        if pred is not None and self.ncc:
             self.nc4_rows += pred.shape[0]
         if not bool(torch.isfinite(self.ss.sum() - ss_before)):
             check_finite(H, self.name, self.rows)
         self.rows += H.shape[0]
 
+    def _decisions(self, P, cb, y, pred, logits, H) -> None:
+        """Nearest class centre inside span Q (Q^T h = P + Q^T mu_y) and the classifier's argmax
+        of W h (float64), in sub-blocks of rows so that a (rows, K) block stays within
+        NCC_ELEMENTS. P (b, q) projected residuals; logits (b, num_labels) or, when None and a
+        classifier is given, H (b, d) the float64 features of the block."""
+        classes = self.means.classes
+        width = max(self.means.K, 0 if self.Wt is None else self.Wt.shape[1])
+        for i, j in row_tiles(P.shape[0], width, NCC_ELEMENTS):
+            Ph = P[i:j] + self.QM.T[cb[i:j]]  # (s, q)
+            dist = (Ph * Ph).sum(1, keepdim=True) - 2 * Ph @ self.QM + self.QM2  # (s, K)
+            ncc = dist.argmin(dim=1)
+            self.ncc_wrong += int((ncc != cb[i:j]).sum())
+            if pred is not None:
+                self.nc4_diff += int((classes[ncc] != pred[i:j]).sum())
+            if self.Wt is not None:
+                z = logits[i:j] if logits is not None else H[i:j] @ self.Wt  # (s, num_labels)
+                clf = z.argmax(dim=1)  # label ids; ties go to the lower id
+                self.clf_diff += int((classes[ncc] != clf).sum())
+                self.clf_wrong += int((clf != y[i:j]).sum())
+
     def compute(self, weight: torch.Tensor | np.ndarray | None = None) -> dict[str, float]:
-        """All metrics of the layer as a flat name -> float mapping."""
+        """All metrics of the layer as a flat name -> float mapping (weight: the constructor's
+        when not given)."""
         m, conv = self.means, self.conv
         if self.rows != m.N:
             raise ValueError(f"{self.name!r}: pass 2 saw {self.rows} rows, pass 1 saw {m.N}")
@@ -199,15 +288,20 @@ class ResidualAccumulator:
         out["tr_sigma_W"] = tr_W
         out["tr_sigma_B"] = tr_B
         out["nc1_trace"] = tr_W / tr_B if tr_B > 0 else math.inf
-        out["cdnv"] = cdnv(m, self.ss)
-        out["ncc_error"] = self.ncc_wrong / N
+        if self.ncc:
+            out["ncc_error"] = self.ncc_wrong / N
         if self.nc4_rows:
             out["nc4"] = self.nc4_diff / self.nc4_rows
-        out.update(means_metrics(m, self.geo, conv))
+        if self.Wt is not None:
+            out["nc4_classifier"] = self.clf_diff / N
+            out["classifier_error"] = self.clf_wrong / N
+        var = self.ss / m.counts.to(ACC)  # (K,) sigma_k^2
+        out.update(means_metrics(m, self.geo, conv, var=var))
+        weight = self.weight if weight is None else weight
         if weight is not None:
-            out.update(weight_metrics(_as_tensor(weight, m.M.device), m, self.geo))
-        if self.scatter is not None:
-            out.update(spectra(self.scatter, m, self.geo, conv))
+            out.update(weight_metrics(_as_tensor(weight, m.M.device), m, self.geo, self.classifier))
+        if conv.spectra:
+            out.update(spectra(self.C if self.geo.identity else self.scatter, m, self.geo, conv))
         return out
 
 
@@ -219,18 +313,22 @@ def metrics_from_chunks(
     convention: Convention = Convention(),
     name: str = "layer",
     device: torch.device | str = "cpu",
+    classifier: bool | None = None,
 ) -> dict[str, float]:
     """Two streaming passes over chunks (features (b, d), labels (b,)[, predictions (b,)]).
 
     chunks is a zero-argument callable returning a fresh iterator (it is called twice).
+    classifier: whether weight maps the features to the logits (None: when it has num_classes
+    rows); see ResidualAccumulator.
     """
     acc = ClassMeanAccumulator(num_classes, dim, device=device, name=name)
     for ch in chunks():
         acc.accumulate(ch[0], ch[1])
-    res = ResidualAccumulator(acc.compute(), convention, name=name)
+    res = ResidualAccumulator(acc.compute(), convention, name=name, weight=weight,
+                              classifier=classifier)
     for ch in chunks():
         res.accumulate(ch[0], ch[1], ch[2] if len(ch) > 2 else None)
-    return res.compute(weight)
+    return res.compute()
 
 
 def layer_metrics(
@@ -240,6 +338,8 @@ def layer_metrics(
     predictions=None,
     convention: Convention | None = None,
     name: str = "layer",
+    classifier: bool | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, float]:
     """All metrics of one layer from in-memory features.
 
@@ -250,6 +350,10 @@ def layer_metrics(
         predictions: optional (N,) model predictions (NC4).
         convention: metric conventions (defaults: Convention()).
         name: used in error messages.
+        classifier: whether weight maps these features to the logits (None: when its rows
+            equal the number of labels); adds nc3_etf, nc3_dual_cos_mean, nc3_uniform_duality,
+            nc4_classifier and classifier_error.
+        num_classes: number of label ids (default: largest label + 1).
 
     Returns:
         Mapping metric name -> float with at least nc1_pinv, nc1_trace, cdnv, nc2_etf,
@@ -261,6 +365,7 @@ def layer_metrics(
     y = _as_tensor(labels, H.device).long()
     if H.ndim != 2:
         raise ValueError(f"{name!r}: features must be (N, d), got {tuple(H.shape)}")
-    K = int(y.max()) + 1 if y.numel() else 0
+    K = num_classes if num_classes is not None else (int(y.max()) + 1 if y.numel() else 0)
     chunk = [(H, y) if predictions is None else (H, y, predictions)]
-    return metrics_from_chunks(lambda: iter(chunk), K, H.shape[1], weight, conv, name, H.device)
+    return metrics_from_chunks(lambda: iter(chunk), K, H.shape[1], weight, conv, name, H.device,
+                               classifier)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dnc.metrics.pairwise import PairSweep, row_tiles
+
 __all__ = ["Convention", "ClassMeans", "MeansGeometry", "pinv_trace", "cdnv", "means_metrics",
-           "weight_metrics", "spectra"]
+           "weight_metrics", "is_classifier", "spectra"]
 
 ACC = torch.float64
 
@@ -31,22 +33,44 @@ class Convention:
         spectra: also accumulate the d x d within-class scatter for the Sigma_W spectrum and the
             effective rank (O(N d^2) time, O(d^2) memory, two O(d^3) eigendecompositions; 23x the
             default set's time at N = 50,000, d = 2048 on 2 CPU cores: off by default).
+        cdnv_exponent: e in cdnv_exp, the CDNV with the squared distance raised to e (e = 1 is
+            cdnv; rhubarbwu/neural-collapse's dist_exp).
+        riesz_s: s of the Riesz kernel of the hyperspherical-uniformity measures; None: d - 2
+            (at least 1), the harmonic choice of Liu et al. 2023 and rhubarbwu/neural-collapse.
+        ncc_max_classes: above this many classes pass 2 skips the nearest-class-centre and
+            classifier decisions (ncc_error, nc4, nc4_classifier, classifier_error), whose cost
+            O(N K min(K, d)) dominates at vocabulary-sized K; None computes them always.
     """
 
     global_mean: str = "classes"
     rank_rtol: float = 1e-10
     means_rank_rtol: float = 1e-3
     spectra: bool = False
+    cdnv_exponent: float = 2.0
+    riesz_s: float | None = None
+    ncc_max_classes: int | None = 4096
 
     def __post_init__(self) -> None:
         if self.global_mean not in ("classes", "samples"):
             raise ValueError(f"global_mean must be 'classes' or 'samples', got {self.global_mean!r}")
+        if self.ncc_max_classes is not None and self.ncc_max_classes < 0:
+            raise ValueError(f"ncc_max_classes must be >= 0 or None, got {self.ncc_max_classes}")
+
+    def riesz_exponent(self, d: int) -> float:
+        """s of the Riesz kernel ||x - y||^-s: riesz_s, else d - 2 (at least 1) as in Liu et al."""
+        return float(self.riesz_s) if self.riesz_s is not None else float(max(d - 2, 1))
+
+    def ncc_enabled(self, K: int) -> bool:
+        """Whether pass 2 runs the O(N K min(K, d)) nearest-centre and classifier decisions."""
+        return self.ncc_max_classes is None or K <= self.ncc_max_classes
 
     def describe(self) -> str:
         """Short text stored in the 'convention' column of metric tables."""
+        riesz = "d-2" if self.riesz_s is None else f"{self.riesz_s:g}"
         return (
             f"muG={self.global_mean};SigmaW=1/N;nc1_pinv=/K;cdnv=sq;nc3=papyan-unsquared;"
-            f"rank_rtol={self.rank_rtol:g};means_rank_rtol={self.means_rank_rtol:g}"
+            f"rank_rtol={self.rank_rtol:g};means_rank_rtol={self.means_rank_rtol:g};"
+            f"cdnv_exp={self.cdnv_exponent:g};riesz_s={riesz}"
         )
 
 
@@ -81,21 +105,30 @@ class MeansGeometry:
 
     Attributes:
         Mc: (d, K) centred means M - mu_G 1^T under the convention's global mean.
-        s: (K,) singular values of M, descending.
+        s: (min(d, K),) singular values of M, descending.
         Q: (d, q) orthonormal basis of the numerical span of M: left singular vectors with
             s_i > K eps s_1 (float64 eps). One basis for NC1's projection, which must keep every
-            direction the means really span to stay exact, and for nc3_span.
+            direction the means really span to stay exact, and for nc3_span. When the means span
+            all of R^d (q = d, as whenever K > d in general position) Q is the identity: any
+            orthonormal basis of R^d gives the same values, and the identity saves pass 2 a
+            (b, d) x (d, d) product per block.
+        identity: whether Q is the identity (q = d).
     """
 
     Mc: torch.Tensor
     s: torch.Tensor
     Q: torch.Tensor
+    identity: bool = False
 
     @classmethod
     def of(cls, m: ClassMeans, conv: Convention) -> MeansGeometry:
-        U, s, _ = torch.linalg.svd(m.M, full_matrices=False)  # U (d, K), s (K,)
-        Q = U[:, s > torch.finfo(ACC).eps * m.K * s[0]] if s[0] > 0 else U[:, :0]
-        return cls(Mc=m.M - m.global_mean(conv)[:, None], s=s, Q=Q)
+        d = m.M.shape[0]
+        U, s, _ = torch.linalg.svd(m.M, full_matrices=False)  # U (d, min(d, K)), s (min(d, K),)
+        keep = s > torch.finfo(ACC).eps * m.K * s[0] if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+        Mc = m.M - m.global_mean(conv)[:, None]
+        if int(keep.sum()) == d:
+            return cls(Mc=Mc, s=s, Q=torch.eye(d, dtype=ACC, device=m.M.device), identity=True)
+        return cls(Mc=Mc, s=s, Q=U[:, keep])
 
 
 def pinv_trace(C: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, rtol: float) -> tuple[float, int]:
@@ -114,63 +147,87 @@ def pinv_trace(C: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, rtol: float) -
 
 
 def cdnv(m: ClassMeans, ss: torch.Tensor) -> float:
-    """Mean over class pairs k != j of (sigma_k^2 + sigma_j^2) / (2 ||mu_k - mu_j||^2)."""
+    """Mean over class pairs k != j of (sigma_k^2 + sigma_j^2) / (2 ||mu_k - mu_j||^2).
+
+    ss: (K,) per-class sums of squared residuals. Tiled over class pairs (no K x K matrix)."""
     var = ss / m.counts.to(ACC)  # (K,) sigma_k^2
-    G = m.M.T @ m.M  # (K, K)
-    dist2 = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G  # (K, K)
-    iu = torch.triu_indices(m.K, m.K, offset=1, device=G.device)
-    num = (var[:, None] + var[None, :])[iu[0], iu[1]]
-    den = 2 * dist2[iu[0], iu[1]].clamp_min(0)
-    vals = torch.where(den > 0, num / den, torch.where(num > 0, math.inf, 0.0))
-    return float(vals.mean())
+    Mc = m.M - m.M.mean(dim=1, keepdim=True)  # distances only: any centring will do
+    return PairSweep(m.M, Mc, var, 1.0, 1.0).run().cdnv.mean
 
 
-def means_metrics(m: ClassMeans, geo: MeansGeometry, conv: Convention) -> dict[str, float]:
-    """NC2 family from the class means alone: (d x K) work, no sample access.
+def means_metrics(m: ClassMeans, geo: MeansGeometry, conv: Convention,
+                  var: torch.Tensor | None = None) -> dict[str, float]:
+    """NC2 family and every class-pair statistic from the class means (and, given var, the CDNVs).
+
+    O(K^2 d) time in Gram tiles, O(K d + tile) memory: no K x K matrix (pairwise.py).
+
+    Args:
+        var: optional (K,) within-class variances sigma_k^2 = (1/n_k) sum_{y_i = k} ||r_i||^2;
+            adds cdnv, cdnv_std, cdnv_max and cdnv_exp.
 
     Keys: nc2_etf (centred Gram vs simplex ETF), nc2_orth (uncentred Gram vs I/sqrt(K)),
     nc2_cond (sigma_max / sigma_min of M), equinorm (std/mean of ||mu_k - mu_G||), equiangle
-    (std of pairwise cosines of centred means), mean_norm (average ||mu_k||), max_cos_uncentred,
+    (std of pairwise cosines of centred means), interference_mean/_min/_max (their mean and
+    extremes), mean_norm (average ||mu_k||), mean_norm_spread, max_cos_uncentred, nc2g_dist_*,
+    nc2g_log_*, nc2g_riesz_* (hyperspherical uniformity of the normalised centred means),
     rank_means (#{sigma_i(M) > means_rank_rtol sigma_1}) and sv_means_i (singular values of M,
-    i = 1..K, descending).
+    i = 1..min(d, K), descending).
     """
     K = m.K
     out: dict[str, float] = {}
-    Mc = geo.Mc
-    Gc = Mc.T @ Mc  # (K, K)
+    sweep = PairSweep(m.M, geo.Mc, var, conv.riesz_exponent(m.M.shape[0]), conv.cdnv_exponent).run()
+    norms_c, norms = sweep.norms_c, sweep.norms
     if K >= 2:
-        target = (torch.eye(K, dtype=ACC, device=Gc.device) - 1.0 / K) / math.sqrt(K - 1)
-        nGc = torch.linalg.matrix_norm(Gc)
-        out["nc2_etf"] = float(torch.linalg.matrix_norm(Gc / nGc - target)) if nGc > 0 else math.nan
-    G = m.M.T @ m.M
-    nG = torch.linalg.matrix_norm(G)
-    eye = torch.eye(K, dtype=ACC, device=G.device)
-    out["nc2_orth"] = float(torch.linalg.matrix_norm(G / nG - eye / math.sqrt(K))) if nG > 0 else math.nan
-    s = geo.s  # (K,) descending
+        # The diagonal of the normalised centred Gram against the ETF's (1 - 1/K)/sqrt(K - 1).
+        diag = (norms_c.square() / sweep.nGc - (1 - 1 / K) / math.sqrt(K - 1)).square().sum()
+        out["nc2_etf"] = math.sqrt(sweep.etf_ss + float(diag)) if sweep.nGc > 0 else math.nan
+    diag = (norms.square() / sweep.nG - 1 / math.sqrt(K)).square().sum() if sweep.nG > 0 else 0.0
+    out["nc2_orth"] = math.sqrt(sweep.orth_ss + float(diag)) if sweep.nG > 0 else math.nan
+    s = geo.s  # (min(d, K),) descending
     out["nc2_cond"] = float(s[0] / s[-1]) if s[-1] > 0 else math.inf
-    norms_c = Mc.norm(dim=0)
     out["equinorm"] = float(norms_c.std(correction=0) / norms_c.mean()) if norms_c.mean() > 0 else math.nan
-    iu = torch.triu_indices(K, K, offset=1, device=G.device)
-    cos_c = Gc / (norms_c[:, None] * norms_c[None, :]).clamp_min(torch.finfo(ACC).tiny)
-    out["equiangle"] = float(cos_c[iu[0], iu[1]].std(correction=0)) if K > 2 else 0.0
-    norms = m.M.norm(dim=0)
+    out["equiangle"] = sweep.cos.std if K > 2 else 0.0
+    out["interference_mean"] = sweep.cos.mean
+    out["interference_min"] = sweep.cos.lo
+    out["interference_max"] = sweep.cos.hi
     out["mean_norm"] = float(norms.mean())
     out["mean_norm_spread"] = float(norms.std(correction=0) / norms.mean()) if norms.mean() > 0 else math.nan
-    cos = G / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(ACC).tiny)
-    out["max_cos_uncentred"] = float(cos[iu[0], iu[1]].max())
+    out["max_cos_uncentred"] = sweep.max_cos
+    out["nc2g_dist_mean"] = sweep.dist.mean
+    out["nc2g_dist_std"] = sweep.dist.std
+    out["nc2g_log_mean"] = sweep.log_kernel.mean
+    out["nc2g_log_std"] = sweep.log_kernel.std
+    out["nc2g_riesz_logmean"] = sweep.riesz.log_mean
+    out["nc2g_riesz_cv"] = sweep.riesz.cv
+    if var is not None:
+        out["cdnv"] = sweep.cdnv.mean
+        out["cdnv_std"] = sweep.cdnv.std
+        out["cdnv_max"] = sweep.cdnv.hi
+        out["cdnv_exp"] = sweep.cdnv_exp.mean
     out["rank_means"] = float((s > conv.means_rank_rtol * s[0]).sum()) if s[0] > 0 else 0.0
     for i, v in enumerate(s.tolist(), start=1):
         out[f"sv_means_{i}"] = v
     return out
 
 
-def weight_metrics(W: torch.Tensor, m: ClassMeans, geo: MeansGeometry) -> dict[str, float]:
+def is_classifier(W: torch.Tensor, m: ClassMeans, classifier: bool | None) -> bool:
+    """Whether W maps these features to the logits: as told, else when it has one row per label."""
+    return W.shape[0] == m.num_labels and (classifier is None or bool(classifier))
+
+
+def weight_metrics(W: torch.Tensor, m: ClassMeans, geo: MeansGeometry,
+                   classifier: bool | None = None) -> dict[str, float]:
     """NC3 family for the weight W (d_out x d) applied to this layer's features.
 
     Keys: nc3_span = ||W (I - P_M)||_F / ||W||_F (share of W outside span of the uncentred class
     means), nc3_rowalign = sum_rows ||w_r|| max_k |cos(w_r, mu_k)| / sum_rows ||w_r||, and, when
     d_out = K (a classifier), nc3 = ||W/||W||_F - M~^T/||M~||_F||_F (Papyan, centred, not squared)
     and nc3_uncentred (same with M, the bias-free DUFM prediction).
+
+    When W is the classifier (classifier=True, or None and d_out = the number of labels), with
+    W_p its rows of the K classes present: nc3_etf = ||W_p M~/||W_p M~||_F - ETF||_F (Kothapalli's
+    form; ETF = (I - 11^T/K)/sqrt(K - 1)), nc3_dual_cos_mean and nc3_uniform_duality (mean and
+    population std over classes of cos(w_k, mu_k - mu_G)). K x K products are tiled.
     """
     W = W.to(ACC)
     if W.ndim != 2 or W.shape[1] != m.M.shape[0]:
@@ -178,16 +235,51 @@ def weight_metrics(W: torch.Tensor, m: ClassMeans, geo: MeansGeometry) -> dict[s
     out: dict[str, float] = {}
     nW = torch.linalg.matrix_norm(W)
     Q = geo.Q  # orthonormal basis of span(M)
-    out["nc3_span"] = float(torch.linalg.matrix_norm(W - (W @ Q) @ Q.T) / nW)
+    out["nc3_span"] = 0.0 if geo.identity else float(torch.linalg.matrix_norm(W - (W @ Q) @ Q.T) / nW)
     rn = W.norm(dim=1)  # (d_out,)
-    cos = (W @ m.M) / (rn[:, None] * m.M.norm(dim=0)[None, :]).clamp_min(torch.finfo(ACC).tiny)
-    out["nc3_rowalign"] = float((rn * cos.abs().max(dim=1).values).sum() / rn.sum())
+    mn = m.M.norm(dim=0)  # (K,)
+    tiny = torch.finfo(ACC).tiny
+    best = torch.cat([((W[i0:i1] @ m.M) / (rn[i0:i1, None] * mn[None, :]).clamp_min(tiny)).abs().amax(dim=1)
+                      for i0, i1 in row_tiles(W.shape[0], m.K)])  # (d_out,) max_k |cos(w_r, mu_k)|
+    out["nc3_rowalign"] = float((rn * best).sum() / rn.sum())
+    Mc = geo.Mc
     if W.shape[0] == m.K and m.num_labels == m.K:
-        Mc = geo.Mc
         out["nc3"] = float(torch.linalg.matrix_norm(W / nW - Mc.T / torch.linalg.matrix_norm(Mc)))
         out["nc3_uncentred"] = float(
             torch.linalg.matrix_norm(W / nW - m.M.T / torch.linalg.matrix_norm(m.M))
         )
+    if is_classifier(W, m, classifier):
+        out.update(_classifier_means_metrics(W[m.classes], Mc))
+    return out
+
+
+def _classifier_means_metrics(Wp: torch.Tensor, Mc: torch.Tensor) -> dict[str, float]:
+    """nc3_etf and the uniform-duality pair for classifier rows Wp (K, d) and centred means Mc (d, K)."""
+    K = Mc.shape[1]
+    out: dict[str, float] = {}
+    cos = (Wp * Mc.T).sum(1) / (Wp.norm(dim=1) * Mc.norm(dim=0)).clamp_min(torch.finfo(ACC).tiny)
+    out["nc3_dual_cos_mean"] = float(cos.mean())
+    out["nc3_uniform_duality"] = float(cos.std(correction=0))
+    if K < 2:
+        return out
+    # ||Wp Mc||_F: from the K x K product itself when K <= d, else from the d x d factors
+    # <Wp^T Wp, Mc Mc^T>, an exact float64 sum either way and never a K x K matrix for K > d.
+    if K <= Mc.shape[0]:
+        nZ2 = sum(float((Wp[i0:i1] @ Mc).square().sum()) for i0, i1 in row_tiles(K, K))
+    else:
+        nZ2 = float(((Wp.T @ Wp) * (Mc @ Mc.T)).sum())
+    if nZ2 <= 0:
+        out["nc3_etf"] = math.nan
+        return out
+    nZ = math.sqrt(nZ2)
+    a, b = 1.0 / (K * math.sqrt(K - 1)), 1.0 / math.sqrt(K - 1)  # ETF = b I - a 11^T
+    ss = 0.0
+    for i0, i1 in row_tiles(K, K):
+        Z = (Wp[i0:i1] @ Mc) / nZ + a  # (t, K): minus the ETF off the diagonal
+        idx = torch.arange(i1 - i0, device=Z.device)
+        Z[idx, idx + i0] -= b
+        ss += float(Z.square().sum())
+    out["nc3_etf"] = math.sqrt(ss)
     return out
 
 

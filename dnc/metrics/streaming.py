@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -24,7 +26,8 @@ from dnc.metrics.formulas import Convention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["feature_file_metrics", "files_metrics", "empty_metrics", "TIDY_COLUMNS", "METRICS_COLUMNS"]
+__all__ = ["feature_file_metrics", "files_metrics", "empty_metrics", "torch_chunks", "TIDY_COLUMNS",
+           "METRICS_COLUMNS"]
 
 TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "value", "convention"]
 # Kinds of the tidy columns, for dnc.io.read_frame checks of a metrics file.
@@ -54,6 +57,8 @@ def feature_file_metrics(
         run, split: identifiers carried into the table; split defaults to the file's metadata
             "dnc:split" (else "train"), the step comes from "dnc:step" (-1 if absent).
         weights: layer -> weight matrix; a column whose layout names weight l gets NC3 with W_l.
+            The highest layer's weight is the classifier: its input column also gets the
+            classifier measures (nc3_etf, uniform duality, nc4_classifier, classifier_error).
         batch_rows: rows per streamed chunk (None: one row group, about 64 MB as written by
             dnc.io.write_features).
         device: "auto", "cpu" or "cuda[:i]": where the accumulation runs.
@@ -67,6 +72,7 @@ def feature_file_metrics(
     step = int(_meta(path, "dnc:step", -1))
     split = split or str(_meta(path, "dnc:split", "train"))
     num_classes = _num_classes(path)
+    last = max(weights, default=None)  # W_L, the classifier, maps its input to the logits
     frames = []
     for col in read_layout(path):
         if columns is not None and col.column not in columns:
@@ -74,13 +80,7 @@ def feature_file_metrics(
         W = weights.get(col.weight) if col.weight is not None else None
 
         def stream(col=col):
-            for H, y, pred in iter_feature_chunks(path, col.column, batch_rows):
-                with warnings.catch_warnings():
-                    # Arrow buffers are read-only; the metrics never write to them.
-                    warnings.simplefilter("ignore", UserWarning)
-                    H = torch.from_numpy(H).to(dev, non_blocking=True)
-                yield H, torch.from_numpy(y).to(dev), (
-                    None if pred is None else torch.from_numpy(pred).to(dev))
+            return torch_chunks(path, col.column, batch_rows, dev)
 
         nbytes = open_parquet(path).metadata.num_rows * col.dim * _itemsize(path, col.column)
         chunks = _Replay(stream) if nbytes <= cache_mb * 2**20 else stream
@@ -88,7 +88,8 @@ def feature_file_metrics(
         name = f"{os.fspath(path)}:{col.column}"
         values = metrics_from_chunks(chunks, num_classes, col.dim,
                                      None if W is None else torch.from_numpy(W).to(dev),
-                                     convention, name, dev)
+                                     convention, name, dev,
+                                     classifier=None if W is None else col.weight == last)
         frames.append(pd.DataFrame({"layer": col.layer, "representation": col.representation,
                                     "metric": list(values), "value": list(values.values())}))
     table = pd.concat(frames, ignore_index=True)
@@ -97,6 +98,68 @@ def feature_file_metrics(
     table["step"] = step
     table["convention"] = convention.describe()
     return table[TIDY_COLUMNS]
+
+
+def torch_chunks(path, column: str, batch_rows: int | None, device: torch.device):
+    """(features (b, d), labels (b,), predictions (b,) or None) tensors of a feature column on
+    device, read one row group ahead in a background thread (_prefetched)."""
+    for H, y, pred in _prefetched(iter_feature_chunks(path, column, batch_rows)):
+        with warnings.catch_warnings():
+            # Arrow buffers are read-only; the metrics never write to them.
+            warnings.simplefilter("ignore", UserWarning)
+            H = torch.from_numpy(H).to(device, non_blocking=True)
+        yield H, torch.from_numpy(y).to(device), (
+            None if pred is None else torch.from_numpy(pred).to(device))
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """Yield the items of an iterator while a background thread already produces the next ones.
+
+    Reading and decoding a Parquet row group happens in pyarrow without the GIL, so the next row
+    group is read while the metrics process the current one (at most depth + 2 items in memory:
+    the one in use, depth queued, one being read). Exceptions of the producer are re-raised here.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        """Queue item unless the consumer has gone (a blocking put would then never return)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Raised(e))
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 class _Replay:
