@@ -149,9 +149,10 @@ def _dataset_runs(config: Mapping[str, Any], section: str, cls: type,
         where = f"{section}.experiments.{exp}"
         if "dataset" not in settings:
             raise ConfigError(f"{where}: missing ['dataset'] (a key of datasets)")
-        if settings["dataset"] not in datasets:
-            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of "
-                              f"datasets ({sorted(datasets)})")
+        for key in ("dataset", "ood_dataset"):
+            if settings.get(key) is not None and settings[key] not in datasets:
+                raise ConfigError(f"{where}.{key}: {settings[key]!r} is not a key of "
+                                  f"datasets ({sorted(datasets)})")
         _validate(cls, settings, f"{where} (run {rid})")
         runs[rid] = {**{k: settings[k] for k in keys}, "seed": seed, "experiment": exp, "grid": point}
     return runs

@@ -29,6 +29,8 @@ __all__ = [
     "snapshot_file",
     "rfm_feature_file",
     "folder_files",
+    "ood_pairs",
+    "OOD_SPLIT",
 ]
 
 REPRESENTATIONS = ("input", "pre", "post", "output")
@@ -103,8 +105,13 @@ def rfm_feature_file(folder: str | os.PathLike, split: str) -> Path:
     return Path(folder) / f"{split}.parquet"
 
 
+OOD_SPLIT = "ood"  # feature files of the out-of-distribution dataset (NC5): epoch<E>_ood.parquet
+
+
 def folder_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """(feature files, weight files) of a feature folder, sorted by epoch then split."""
+    """(feature files, weight files) of a feature folder, sorted by epoch then split; the OOD
+    files (split OOD_SPLIT) are left out: they are measured only against the train split's class
+    means (ood_pairs)."""
     found = []
     for f in Path(folder).glob("epoch*.parquet"):
         m = re.fullmatch(r"epoch(\d+)_(\w+)", f.stem)
@@ -112,4 +119,12 @@ def folder_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
             raise ValueError(f"{f}: unexpected file in a feature folder (epoch<E>_<split>.parquet)")
         found.append((int(m.group(1)), m.group(2), f))
     found.sort(key=lambda t: (t[0], t[1]))
-    return ([f for _, s, f in found if s != "weights"], [f for _, s, f in found if s == "weights"])
+    return ([f for _, s, f in found if s not in ("weights", OOD_SPLIT)],
+            [f for _, s, f in found if s == "weights"])
+
+
+def ood_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(train feature file, OOD feature file) of every epoch that has an OOD file."""
+    return [(feature_file(folder, int(m.group(1)), "train"), f)
+            for f in sorted(Path(folder).glob(f"epoch*_{OOD_SPLIT}.parquet"))
+            if (m := re.fullmatch(rf"epoch(\d+)_{OOD_SPLIT}", f.stem))]

@@ -18,6 +18,9 @@ __all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "required_keys", "optional_ke
 DTYPES = ("float64", "float32")
 # Network settings read only by the analysis stage: changing them must not retrain.
 ANALYSIS_ONLY = ("agop_samples",)
+# Network settings that feature extraction reads but training does not (changing them reruns the
+# extraction and what follows, not the training).
+EXTRACTION_ONLY = ("ood_dataset",)
 
 
 def _check_choice(obj: object, key: str, allowed: tuple[str, ...]) -> None:
@@ -110,7 +113,9 @@ class NetConfig:
     constant, cosine or step (x0.1 at 1/2 and 3/4 of the epochs). lambda_H1: penalty on the
     backbone output, summed over samples as in the DUFM. lambda_W: weight decay per head layer
     (one number or L). weight_decay: ordinary decay of the backbone. feature_epochs: epochs whose
-    parameters are kept for feature extraction (0 = initialisation).
+    parameters are kept for feature extraction (0 = initialisation). ood_dataset: a key of the
+    config's datasets whose test split is passed through the network at every feature epoch and
+    measured against the training class means (NC5); it must have the training data's sample shape.
     """
 
     dataset: str = "digits"
@@ -136,6 +141,7 @@ class NetConfig:
     checkpoint_every: int = 1
     feature_epochs: tuple[int, ...] = field(default_factory=lambda: (1,))
     agop_samples: int | None = None
+    ood_dataset: str | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -172,7 +178,7 @@ class NetConfig:
     def resume_key(self) -> dict:
         """Settings that must match for a checkpoint to be resumed (device may differ)."""
         d = asdict(self)
-        for key in ANALYSIS_ONLY + ("device",):
+        for key in ANALYSIS_ONLY + EXTRACTION_ONLY + ("device",):
             d.pop(key)
         return d
 

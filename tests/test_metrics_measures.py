@@ -290,3 +290,30 @@ def test_torch_float32_input(rng):
     W = rng.standard_normal((5, 7))
     m = layer_metrics(H32, torch.tensor(y), weight=W)
     assert_close(m, reference(H32.double().numpy(), y, W))  # float32 input, float64 arithmetic
+
+
+def test_ood_file_metrics_measure_every_column_and_folder_files_leave_ood_out(tmp_path):
+    """The pipeline's NC5 table (dnc.metrics.ood.ood_file_metrics): one block of rows per column,
+    split "ood", the ID file's step, values computed here from the class means and OOD mean."""
+    from dnc.io import write_features
+    from dnc.layout import FeatureColumn, feature_file, folder_files, ood_pairs
+    from dnc.metrics.ood import ood_file_metrics
+
+    rng = np.random.default_rng(3)
+    cols = [FeatureColumn("l1_input", 1, "input", 4), FeatureColumn("l2_post", 2, "post", 3)]
+    y = np.repeat(np.arange(3), 5)
+    id_data = [rng.normal(size=(15, c.dim)) + 2.0 for c in cols]
+    ood_data = [rng.normal(size=(8, c.dim)) for c in cols]
+    write_features(feature_file(tmp_path, 2, "train"), y, list(zip(cols, id_data)), None, {"dnc:step": 2})
+    write_features(feature_file(tmp_path, 2, "ood"), np.zeros(8, int), list(zip(cols, ood_data)), None,
+                   {"dnc:step": 2})
+    assert folder_files(tmp_path)[0] == [feature_file(tmp_path, 2, "train")]
+    assert ood_pairs(tmp_path) == [(feature_file(tmp_path, 2, "train"), feature_file(tmp_path, 2, "ood"))]
+    table = ood_file_metrics(feature_file(tmp_path, 2, "train"), feature_file(tmp_path, 2, "ood"), "r")
+    assert set(table["split"]) == {"ood"} and set(table["step"]) == {2} and set(table["run"]) == {"r"}
+    for col, H, O in zip(cols, id_data, ood_data):
+        means = np.stack([H[y == k].mean(0) for k in range(3)])
+        mu = O.mean(0)
+        cos = np.abs(means @ mu) / (np.linalg.norm(means, axis=1) * np.linalg.norm(mu))
+        got = table[(table["layer"] == col.layer) & (table["metric"] == "nc5")]["value"].item()
+        assert got == pytest.approx(cos.mean(), rel=1e-10)

@@ -32,14 +32,16 @@ TINY = {
             "other": {"L": 3, "lambda": 0.01, "init_std": 0.5},
         },
     },
-    "datasets": {"blobs": {"name": "gaussian", "gaussian": {"K": 3, "dim": 5, "separation": 4.0, "n": 30}}},
+    "datasets": {"blobs": {"name": "gaussian", "gaussian": {"K": 3, "dim": 5, "separation": 4.0, "n": 30}},
+                 "other": {"name": "gaussian", "seed": 7,
+                           "gaussian": {"K": 2, "dim": 5, "separation": 4.0, "n": 20}}},
     "networks": {
         "defaults": {"dataset": "blobs", "arch": "mlp", "mlp_widths": [16], "bias": True, "init_gain": 1.0,
                      "head_layers": 2, "head_width": 16, "loss": "mse", "optimizer": "sgd", "lr": 0.02,
                      "momentum": 0.9, "schedule": "cosine", "epochs": 4, "batch_size": 16,
                      "lambda_H1": 1e-4, "lambda_W": 1e-3, "weight_decay": 5e-4, "checkpoint_every": 1,
                      "feature_epochs": [1, 4], "seeds": [0]},
-        "experiments": {"net": {}},
+        "experiments": {"net": {"ood_dataset": "other"}},
     },
     "rfm": {"experiments": {"rfm": {"dataset": "blobs", "depth": 3, "width": 32,
                                     "grid": {"agop": [True, False]}}}},
@@ -108,7 +110,13 @@ def test_full_run_writes_report_and_tables(finished):
     assert set(rfm["split"]) == {"train", "test"}
     assert "Deep Recursive Feature Machines" in html and "Without the AGOP (M = I)" in html
     net = summary[summary["run"] == "net-s0"]
-    assert set(net["split"]) == {"train", "test"} and set(net["step"]) == {1, 4}
+    assert set(net["split"]) == {"train", "test", "ood"} and set(net["step"]) == {1, 4}
+    # NC5 of the OOD dataset against the train class means, at every layer and feature epoch.
+    nc5 = net[(net["split"] == "ood") & (net["metric"] == "nc5")]
+    reps = net.loc[net["split"] == "train", ["layer", "representation"]].drop_duplicates()
+    assert len(nc5) == 2 * len(reps)
+    assert nc5["value"].between(0, 1).all()
+    assert "NC5: out-of-distribution features" in html
     assert "Trained networks with a DUFM head" in html
     analysis = pd.read_parquet(finished / "results/analysis/net-s0/analysis.parquet")
     assert set(analysis["representation"]) == {"input", "svd", "layer", "agop", "weights"}
@@ -255,12 +263,16 @@ def test_no_partial_report_when_switched_off(tmp_path):
 
 def test_network_setting_change_reruns_only_the_network_chain(finished):
     cfg = copy.deepcopy(TINY)
-    cfg["networks"]["experiments"]["net"] = {"lr": 0.03}
+    net = cfg["networks"]["experiments"]["net"]
+    cfg["networks"]["experiments"]["net"] = {**net, "lr": 0.03}
     assert planned_jobs(finished, cfg) == {("train_network", "net-s0"), ("extract_features", "net-s0"),
                                            ("compute_metrics", "net-s0"), ("compare_network", "net-s0"),
                                            ("analyze_network", "net-s0")} | REPORT
-    cfg["networks"]["experiments"]["net"] = {"agop_samples": 20}  # analysis only: no retraining
+    cfg["networks"]["experiments"]["net"] = {**net, "agop_samples": 20}  # analysis only: no retraining
     assert planned_jobs(finished, cfg) == {("analyze_network", "net-s0")} | REPORT
+    cfg["networks"]["experiments"]["net"] = {}  # no OOD dataset: extraction onwards, not training
+    assert planned_jobs(finished, cfg) == {("extract_features", "net-s0"), ("compute_metrics", "net-s0"),
+                                           ("compare_network", "net-s0")} | REPORT
 
 
 def test_paper_config_plans_the_right_jobs(tmp_path):

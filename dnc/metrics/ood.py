@@ -18,7 +18,7 @@ import torch
 
 from dnc.metrics.formulas import ACC, ClassMeans, Convention
 
-__all__ = ["OODAccumulator", "ood_metrics", "feature_file_ood_metrics"]
+__all__ = ["OODAccumulator", "ood_metrics", "feature_file_ood_metrics", "ood_file_metrics"]
 
 
 class OODAccumulator:
@@ -109,3 +109,35 @@ def feature_file_ood_metrics(path: str | os.PathLike, ood_path: str | os.PathLik
         raise ValueError(f"{path}: no rows in column {column!r}")
     return ood_metrics(acc.compute(), torch_chunks(ood_path, column, batch_rows, dev), convention,
                        name=f"{ood_path}:{column}")
+
+
+def ood_file_metrics(path: str | os.PathLike, ood_path: str | os.PathLike, run: str,
+                     convention: Convention = Convention(), batch_rows: int | None = None,
+                     device: str = "auto"):
+    """NC5 of every representation column of an ID feature file against the same column of an OOD
+    feature file, as tidy rows (dnc.metrics.streaming.TIDY_COLUMNS) with split "ood" and the step
+    of the ID file.
+
+    Raises:
+        ValueError: the two files do not hold the same columns (naming both files).
+    """
+    import pandas as pd
+
+    from dnc.io import read_layout, read_metadata
+    from dnc.metrics.streaming import TIDY_COLUMNS
+
+    layout, ood_layout = read_layout(path), read_layout(ood_path)
+    if [(c.column, c.dim) for c in layout] != [(c.column, c.dim) for c in ood_layout]:
+        raise ValueError(f"{ood_path}: its feature columns {[(c.column, c.dim) for c in ood_layout]} "
+                         f"differ from those of {path} {[(c.column, c.dim) for c in layout]}")
+    rows = []
+    for col in layout:
+        values = feature_file_ood_metrics(path, ood_path, col.column, convention, batch_rows, device)
+        rows += [{"layer": col.layer, "representation": col.representation, "metric": k, "value": float(v)}
+                 for k, v in values.items()]
+    table = pd.DataFrame(rows)
+    table.insert(0, "run", run)
+    table["split"] = "ood"
+    table["step"] = int(read_metadata(path, "dnc:step"))
+    table["convention"] = convention.describe()
+    return table[TIDY_COLUMNS]

@@ -14,7 +14,7 @@ from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
 from dnc.report.dufm import render_dufm_section
 from dnc.report.lowrank import render_lowrank_section
-from dnc.report.networks import render_network_section
+from dnc.report.networks import nc5_claims, render_network_section
 from dnc.report.page import esc, page, table
 from dnc.report.rfm import render_rfm_section, rfm_claims
 from dnc.report.status import available_inputs, diverged_ids, missing_runs, render_diverged, render_missing
@@ -62,7 +62,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         summaries.append(summary_table(rfm_config, tables["rfm_metrics"]).assign(kind="rfm"))
     claims = claims_table(config, tables["verdicts"], net_config, tables["net_verdicts"])
     extra = rfm_claims(rfm_config, tables["rfm_metrics"]) + (
-        analysis_claims(tables["analyses"]) if not tables["analyses"].empty else [])
+        analysis_claims(tables["analyses"]) if not tables["analyses"].empty else []) + (
+        nc5_claims(tables["net_metrics"]) if not tables["net_metrics"].empty else [])
     claims = pd.concat([claims, pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"],
                                                         r["evidence"]) for r in extra])], ignore_index=True)
     conventions = sorted({c for key in ("metrics", "net_metrics", "rfm_metrics")

@@ -9,7 +9,7 @@ import pandas as pd
 from dnc.report.dufm import COMPARISON_COLS
 from dnc.report.page import FLOOR, esc, img, plt, png, position, table
 
-__all__ = ["render_network_section", "net_summary"]
+__all__ = ["render_network_section", "net_summary", "nc5_claims", "nc5_trend"]
 
 
 def net_training_figure(histories: pd.DataFrame) -> str:
@@ -85,8 +85,36 @@ def net_summary(config: pd.DataFrame, histories: pd.DataFrame, metrics: pd.DataF
             "dnc_geometry": bool(v.get("dnc_geometry", False)),
             "structure_failed": v["structure_failed"],
             "recovered_dufm_optimum": bool(v.get("recovered_dufm_optimum", False)),
+            **{f"nc5_last_head_{k}": x for k, x in zip(("first", "last"), nc5_trend(metrics, rid, layer))},
         })
     return pd.DataFrame(rows)
+
+
+def nc5_trend(metrics: pd.DataFrame, run: str, layer: int | None = None) -> tuple[float, float]:
+    """NC5 (split "ood") of a run's post-activation at layer (default: its last hidden layer) at
+    the first and the last measured epoch; NaN without an OOD dataset."""
+    m = metrics[(metrics["run"] == run) & (metrics["split"] == "ood") & (metrics["metric"] == "nc5")
+                & (metrics["representation"] == "post")]
+    if m.empty:
+        return np.nan, np.nan
+    m = m[m["layer"] == (m["layer"].max() if layer is None else layer)].sort_values("step")
+    return (float(m["value"].iloc[0]), float(m["value"].iloc[-1])) if len(m) else (np.nan, np.nan)
+
+
+def nc5_claims(metrics: pd.DataFrame) -> list[dict]:
+    """The NC5 claim (Ammar et al. 2024): out-of-distribution features become orthogonal to the
+    in-distribution class means as training goes on; per network run with an ood_dataset, NC5 of
+    the last hidden head layer at the first and the last measured epoch."""
+    runs = list(dict.fromkeys(metrics.loc[metrics["split"] == "ood", "run"])) if "split" in metrics else []
+    trends = {r: nc5_trend(metrics, r) for r in runs}
+    falls = [r for r, (a, b) in trends.items() if b < a]
+    code = ("not_tested" if not runs else "holds" if len(falls) == len(runs)
+            else "does_not_hold" if not falls else "partly")
+    evidence = ("; ".join(f"{r}: NC5 {a:.3g} -> {b:.3g}" for r, (a, b) in trends.items())
+                or "no network run with an ood_dataset")
+    return [{"claim": "NC5: out-of-distribution features become orthogonal to the class means during "
+                      "training (mean |cos| with the OOD mean falls)",
+             "source": "Ammar et al. 2024", "runs": runs, "code": code, "evidence": evidence}]
 
 
 def hidden_ranks(metrics: pd.DataFrame) -> str:
@@ -118,7 +146,9 @@ def render_network_section(config: pd.DataFrame, histories: pd.DataFrame, metric
              "the last epoch (DNC: K everywhere). dnc_geometry: DNC1, orthogonal equal-norm means "
              "and aligned weights within theory.network_tolerances at every head layer. 'recovered' "
              "means the objective within loss_rtol (default 1 %) of L_DNC and every layer check "
-             "within theory.network_tolerances.</p>",
+             "within theory.network_tolerances. nc5_last_head: NC5 of the last hidden head layer at "
+             "the first and last measured epoch, for runs with an ood_dataset (mean |cos| between the "
+             "train class means and the OOD mean; 0 = orthogonal; docs/metrics.md).</p>",
              table(summary),
              img(net_training_figure(histories)),
              img(net_collapse_figure(metrics)),

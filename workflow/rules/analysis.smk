@@ -12,7 +12,7 @@ rule analyze_network:
     log:
         "logs/analyze_network/{run}.log",
     params:
-        settings=net_settings,
+        settings=net_analysis_settings,
         convention=config["metrics"]["convention"],
         device=config["device"],
         version=DNC_VERSION,

@@ -5,7 +5,7 @@ import dnc
 from dnc.config import ConfigError, dufm_batches, dufm_tolerances, expand_dufm_runs, expand_network_runs, expand_rfm_runs
 from dnc.dufm.batch import run_paths
 from dnc.report import write_report
-from dnc.settings import ANALYSIS_ONLY
+from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
 
 try:
     RUNS = expand_dufm_runs(config)
@@ -46,14 +46,26 @@ wildcard_constraints:
     dataset=alternatives(config.get("datasets", {})),
 
 
-def net_settings(wildcards):
-    return NET_RUNS[wildcards.run]
+def net_analysis_settings(wildcards):
+    """The settings the network analysis depends on: all but the extraction-only ones."""
+    return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in EXTRACTION_ONLY}
 
 
 def net_train_settings(wildcards):
-    """The settings training depends on (not the analysis-only ones), so that changing those
-    reruns only the analysis."""
+    """The settings training depends on (not the analysis- or extraction-only ones), so that
+    changing those reruns only the stages that read them."""
+    return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in ANALYSIS_ONLY + EXTRACTION_ONLY}
+
+
+def net_extract_settings(wildcards):
+    """The settings feature extraction depends on: training's and the OOD dataset."""
     return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in ANALYSIS_ONLY}
+
+
+def net_ood_dataset(wildcards):
+    """The OOD dataset file of a network run (NC5), or nothing."""
+    name = NET_RUNS[wildcards.run].get("ood_dataset")
+    return [f"results/datasets/{name}.parquet"] if name else []
 
 
 def net_dataset(wildcards):

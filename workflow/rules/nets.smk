@@ -43,13 +43,14 @@ rule extract_features:
         dataset=net_dataset,
         history="results/nets/{run}/history.parquet",
         snapshots="results/nets/{run}/snapshots",
+        ood=net_ood_dataset,
     output:
         features=directory("results/nets/{run}/features"),
         objective="results/nets/{run}/objective.parquet",
     log:
         "logs/extract_features/{run}.log",
     params:
-        settings=net_train_settings,
+        settings=net_extract_settings,
         device=config["device"],
         version=DNC_VERSION,
     threads: 1
