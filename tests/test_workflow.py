@@ -116,7 +116,7 @@ def test_full_run_writes_report_and_tables(finished):
     reps = net.loc[net["split"] == "train", ["layer", "representation"]].drop_duplicates()
     assert len(nc5) == 2 * len(reps)
     assert nc5["value"].between(0, 1).all()
-    assert "NC5: out-of-distribution features" in html
+    assert "NC5: out-of-distribution features move towards orthogonality" in html
     assert "Trained networks with a DUFM head" in html
     analysis = pd.read_parquet(finished / "results/analysis/net-s0/analysis.parquet")
     assert set(analysis["representation"]) == {"input", "svd", "layer", "agop", "weights"}

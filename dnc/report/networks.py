@@ -112,8 +112,8 @@ def nc5_claims(metrics: pd.DataFrame) -> list[dict]:
             else "does_not_hold" if not falls else "partly")
     evidence = ("; ".join(f"{r}: NC5 {a:.3g} -> {b:.3g}" for r, (a, b) in trends.items())
                 or "no network run with an ood_dataset")
-    return [{"claim": "NC5: out-of-distribution features become orthogonal to the class means during "
-                      "training (mean |cos| with the OOD mean falls)",
+    return [{"claim": "NC5: out-of-distribution features move towards orthogonality to the class means "
+                      "during training (mean |cos| with the OOD mean falls)",
              "source": "Ammar et al. 2024", "runs": runs, "code": code, "evidence": evidence}]
 
 
