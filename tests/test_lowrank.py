@@ -190,3 +190,7 @@ def test_lowrank_claims_follow_the_rank_verdicts():
     assert t.loc["The share of runs that reach DNC rises with width", "code"] == "does_not_hold"
     assert t.loc["The class-mean rank falls as weight decay grows", "code"] == "does_not_hold"
     assert _claims(widths[2:]).loc["The class-mean rank falls as weight decay grows", "code"] == "not_tested"
+    # A saturated scan (all wide runs at DNC) does not count against the trend shown by another.
+    wide = [run("v", 0, 128, 0.004, "dnc", 10), run("v", 1, 256, 0.004, "dnc", 10)]
+    assert _claims(widths + wide).loc["The share of runs that reach DNC rises with width", "code"] == "holds"
+    assert _claims(wide).loc["The share of runs that reach DNC rises with width", "code"] == "does_not_hold"

@@ -111,9 +111,13 @@ def _lowrank_claims(multi: pd.DataFrame) -> list[dict]:
         if not trends:
             rows.append(claim_row(claim, source, [], "not_tested", f"no experiment scans {key}"))
             continue
-        ok = [(y.iloc[-1] > y.iloc[0]) if rising else (y.iloc[-1] < y.iloc[0]) for _, _, y in trends]
+        # A saturated scan (e.g. every wide run at DNC) agrees with the trend without showing it:
+        # each scan must not go the wrong way, and at least one must show the change.
+        change = [(y.iloc[-1] - y.iloc[0]) * (1 if rising else -1) for _, _, y in trends]
+        code = _fraction(sum(c >= 0 for c in change), len(change))
+        if code == "holds" and not any(c > 0 for c in change):
+            code = "does_not_hold"
         evidence = "; ".join(f"{exp}: {value} " + ", ".join(f"{x:g}: {v:.2g}" for x, v in y.items())
                              for exp, _, y in trends)
-        rows.append(claim_row(claim, source, [r for _, g, _ in trends for r in g["run"]],
-                              _fraction(sum(ok), len(ok)), evidence))
+        rows.append(claim_row(claim, source, [r for _, g, _ in trends for r in g["run"]], code, evidence))
     return rows
