@@ -94,8 +94,8 @@ def build_partial_report():
     """After a failed run (with --keep-going, once every other job has finished): build the report
     from the runs that finished and list those that did not (dnc.report.status). Only when the
     report was a target of this invocation, and not when partial_report is false."""
-    if not config.get("partial_report", True):
-        return
+    if not config.get("partial_report", True) or getattr(workflow, "dryrun", False):
+        return  # a dry run writes nothing
     if not any(job.rule.name == "build_report" for job in workflow.dag.jobs):
         return
     report_rule = workflow.get_rule("build_report")
