@@ -53,3 +53,16 @@ def dnc_head_tables(tmp_path, K: int, n: int, lam: float, norms, scale_last: flo
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def wait_for_checkpoint(proc, last, epoch: int, timeout: float, poll: float = 0.1) -> None:
+    """Wait until the running training process proc has checkpointed epoch (or later) to last;
+    fails when it ends first (the test's training must be slow enough to be interrupted)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True)["epoch"] >= epoch:
+            break
+        time.sleep(poll)
+    assert proc.poll() is None, "training finished before it could be interrupted: make it slower"

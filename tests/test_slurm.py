@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import wait_for_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +77,6 @@ def test_pipeline_runs_on_slurm_and_requests_the_gpu(tmp_path):
 def test_job_cancelled_by_slurm_resumes_from_its_checkpoint(tmp_path):
     """scancel the network training job mid-training: the profile's retry resubmits it and the new
     job resumes after the last checkpointed epoch; the history has every epoch once."""
-    import time
-
     import torch
 
     for name in ("Snakefile", "workflow", "scripts", "config", "profiles"):
@@ -97,12 +96,7 @@ def test_job_cancelled_by_slurm_resumes_from_its_checkpoint(tmp_path):
            target, "--configfile", str(tmp_path / "c.yaml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = tmp_path / "results/nets/slow-s0/resume/last.pt"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "training finished before it could be cancelled: make it slower"
+    wait_for_checkpoint(proc, last, 2, timeout=600)
     jobs = subprocess.run(["squeue", "-h", "-o", "%i %k %Z"], capture_output=True, text=True).stdout
     job = next(line.split()[0] for line in jobs.splitlines()
                if "rule_train_network" in line and str(tmp_path) in line)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import wait_for_checkpoint
 
 from dnc.dufm.compare import VERDICTS
 from dnc.theory import dnc_optimum
@@ -294,7 +295,6 @@ def _killed_then_resumed(tmp_path, cfg) -> tuple[str, pd.DataFrame]:
     """Start the training job, SIGKILL the whole Snakemake process group mid-training, rerun."""
     import os
     import signal
-    import time
 
     import torch
 
@@ -310,12 +310,7 @@ def _killed_then_resumed(tmp_path, cfg) -> tuple[str, pd.DataFrame]:
     proc = subprocess.Popen(cmd(target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     last = wd / "results/nets/slow-s0/resume/last.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed: make it slower"
+    wait_for_checkpoint(proc, last, 2, timeout=120, poll=0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, weights_only=True)["epoch"]

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from dnc.dufm.compare import Tolerances, compare_run, diverged_run, rank_columns
+from dnc.dufm.compare import COMPARISON_COLUMNS as DUFM_COMPARISON_COLUMNS
+from dnc.dufm.compare import Tolerances, compare_run, diverged_run, empty_comparison, rank_columns
 
 __all__ = ["NETWORK_TOLERANCES", "COMPARISON_COLUMNS", "GEOMETRY_QUANTITIES", "head_settings",
            "diverged_network",
@@ -39,8 +40,7 @@ NETWORK_TOLERANCES = {"loss_rtol": 0.01, "structure_rtol": 0.1, "collapse_atol":
 GEOMETRY_QUANTITIES = ("nc1_pinv", "nc2_orth", "mean_norm_spread", "max_cos_uncentred", "nc3_span",
                        "nc3_uncentred")
 # Columns of dnc.dufm.compare.compare_run's comparison table (docs/schemas.md).
-COMPARISON_COLUMNS = ["run", "quantity", "layer", "representation", "measured", "predicted", "abs_gap",
-                      "rel_gap", "tolerance", "pass", "note"]
+COMPARISON_COLUMNS = list(DUFM_COMPARISON_COLUMNS)
 
 
 def head_settings(num_classes: int, num_train: int, head_layers: int, lambda_H1: float,
@@ -148,10 +148,7 @@ def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
         "dnc_geometry": False, "geometry_failed": 0,
         "epoch": int(final["step"]), "n": float(settings["n"]),
     }])
-    kinds = {"layer": "int64", "measured": "float64", "predicted": "float64", "abs_gap": "float64",
-             "rel_gap": "float64", "tolerance": "float64"}
-    empty = pd.DataFrame({c: pd.Series(dtype=kinds.get(c, "object")) for c in COMPARISON_COLUMNS})
-    return empty, verdict
+    return empty_comparison(), verdict
 
 
 def diverged_network(run: str, settings: Mapping, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
