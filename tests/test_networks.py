@@ -84,6 +84,11 @@ def test_a_diverging_run_stops_with_a_non_finite_row(tmp_path):
     assert math.isnan(rows[-1]["test_acc"])
     assert diverged_epoch(rows) == 1 and reached_epochs([0, 1, 3], rows) == [0]
     assert not (tmp_path / "last.pt").exists()  # nothing saved of the non-finite parameters
+    # One batch per epoch: its loss is finite, the update is not; the epoch's evaluation finds it.
+    rows = train_network(cfg(lr=1e6, batch_size=1000, feature_epochs=(0, 1, 3)), gaussian_data(),
+                         tmp_path / "full", 4, run="boom", progress=False, on_nonfinite="stop")
+    assert [r["epoch"] for r in rows] == [1] and diverged_epoch(rows) == 1
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["epoch0.pt"]  # no epoch 1 snapshot
     fine = train_network(cfg(), gaussian_data(), tmp_path / "fine", 4, progress=False, on_nonfinite="stop")
     assert diverged_epoch(fine) is None and reached_epochs([0, 2, 4], fine) == [0, 2, 4]
 

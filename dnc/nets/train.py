@@ -197,6 +197,16 @@ def train_network(
         for split, (X, y) in data.items():
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, X, y, cfg)
         history.append(row)
+        if not math.isfinite(row["train_loss"]):
+            # The last update of the epoch made the parameters non-finite (its mini-batch loss was
+            # finite): the run diverged at this epoch, and nothing of it is checkpointed.
+            message = (f"run {run!r}: non-finite train loss {row['train_loss']} after epoch {epoch}; "
+                       f"lower lr ({cfg.lr})")
+            if on_nonfinite == "raise":
+                raise NonFiniteLossError(message)
+            log.warning("%s: the run diverged and stops here", message)
+            bar.close()
+            return history
         bar.set_postfix(train_loss=f"{row['train_loss']:.4g}", train_acc=f"{row['train_acc']:.3f}")
         if epoch in cfg.feature_epochs:
             checkpoint(epoch, snapshot_file(out, epoch))
