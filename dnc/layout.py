@@ -31,9 +31,19 @@ __all__ = [
     "folder_files",
     "ood_pairs",
     "OOD_SPLIT",
+    "REPRESENTATIONS",
+    "ANALYSIS_REPRESENTATIONS",
+    "RFM_REPRESENTATIONS",
 ]
 
-REPRESENTATIONS = ("input", "pre", "post", "output")
+# The one vocabulary of representation names, as they appear in the `representation` column of
+# every metrics table (docs/schemas.md):
+REPRESENTATIONS = ("input", "pre", "post", "output")  # DUFM runs and network heads (feature files)
+# Per layer of the network analysis (dnc.nets.analysis): its input Phi, the S V^T projection
+# S V^T Phi, the layer ReLU(W Phi) and the AGOP projection Phi AGOP^1/2.
+ANALYSIS_REPRESENTATIONS = ("input", "svd", "layer", "agop")
+# Per layer of Deep RFM (dnc.rfm.deep): X_l, X_l S_l and the feature map's output.
+RFM_REPRESENTATIONS = ("input", "projected", "mapped")
 
 
 @dataclass(frozen=True)
