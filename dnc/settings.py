@@ -13,7 +13,7 @@ from typing import Any
 
 from dnc.theory.dnc import lambda_vector
 
-__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "required_keys", "optional_keys"]
+__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "required_keys", "optional_keys", "SHAPE_KEYS", "DTYPES"]
 
 DTYPES = ("float64", "float32")
 # Network settings read only by the analysis stage: changing them must not retrain.
@@ -99,6 +99,11 @@ class DUFMConfig:
         return _from_settings(cls, settings, device)
 
 
+# DUFMConfig settings that runs trained together in one batch must share: they fix the tensor
+# shapes, the dtype and the update rule (dnc.dufm.train.train_dufm_batch, dnc.config.dufm_batches).
+SHAPE_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """One network training run: backbone -> H_1 -> bias-free DUFM head.
@@ -153,14 +158,14 @@ class NetConfig:
         object.__setattr__(self, "lambda_W", lam if isinstance(lam, float | int) else tuple(lam))
         object.__setattr__(self, "mlp_widths", tuple(self.mlp_widths))
         object.__setattr__(self, "feature_epochs", tuple(self.feature_epochs))
-        lams = [self.lambda_W] if isinstance(self.lambda_W, float | int) else list(self.lambda_W)
-        if len(lams) not in (1, self.L):
-            raise ValueError(f"lambda_W: {len(lams)} values for L = head_layers + 1 = {self.L} layers; give "
-                             f"one number or one per layer")
         # Zero is allowed for networks (no weight decay, as in the AGOP paper's MLP); the DUFM
         # comparison then has no closed form and says so.
-        if min(lams) < 0 or self.lambda_H1 < 0:
-            raise ValueError(f"lambda_W and lambda_H1 must be >= 0, got {lams} and {self.lambda_H1}")
+        try:
+            lambda_vector(self.lambda_W, self.L, allow_zero=True)
+        except ValueError as e:
+            raise ValueError(f"{e} (L = head_layers + 1 = {self.L})") from None
+        if self.lambda_H1 < 0:
+            raise ValueError(f"lambda_H1 must be >= 0, got {self.lambda_H1}")
         bad = [e for e in self.feature_epochs if not 0 <= e <= self.epochs]
         if bad:
             raise ValueError(f"feature_epochs: {bad} outside 0..{self.epochs} (epochs)")

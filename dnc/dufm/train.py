@@ -8,22 +8,17 @@ batched matrix products over a leading run axis, each run equal to its train_duf
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from dnc.device import resolve_device
+from dnc.device import TORCH_DTYPES, resolve_device
 from dnc.dufm.model import DUFMState, combine_terms, gradients, targets
 from dnc.errors import NonFiniteLossError
-from dnc.settings import DUFMConfig
+from dnc.settings import SHAPE_KEYS, DUFMConfig
 
-log = logging.getLogger(__name__)
-
-__all__ = ["DUFMConfig", "TrainResult", "init_dufm", "train_dufm", "train_dufm_batch", "BATCH_KEYS"]
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}  # DUFMConfig.dtype -> torch
+__all__ = ["DUFMConfig", "TrainResult", "init_dufm", "train_dufm", "train_dufm_batch"]
 
 
 def init_dufm(cfg: DUFMConfig, device: torch.device | None = None) -> DUFMState:
@@ -32,14 +27,12 @@ def init_dufm(cfg: DUFMConfig, device: torch.device | None = None) -> DUFMState:
     The draw happens on the CPU so the same seed gives the same start on every device.
     """
     device = device or resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(cfg.width)
     gen = torch.Generator().manual_seed(cfg.seed)
     shapes = [(cfg.width, cfg.N)] + [(cfg.width, cfg.width)] * (cfg.L - 1) + [(cfg.K, cfg.width)]
-    tensors = [
-        (torch.randn(s, generator=gen, dtype=torch.float64) * std).to(device=device, dtype=dtype)
-        for s in shapes
-    ]
+    tensors = [(torch.randn(s, generator=gen, dtype=torch.float64) * std).to(device=device, dtype=dtype)
+               for s in shapes]
     return DUFMState(H1=tensors[0], W=tensors[1:])
 
 
@@ -129,9 +122,7 @@ class TrainResult:
     converged: bool
 
 
-def train_dufm(
-    cfg: DUFMConfig, run: str = "dufm", progress: bool = True
-) -> TrainResult:
+def train_dufm(cfg: DUFMConfig, run: str = "dufm", progress: bool = True) -> TrainResult:
     """Full-batch training of the DUFM from init_dufm(cfg).
 
     History rows (every cfg.log_every steps, at step 0 and at the last step) hold step, loss,
@@ -176,23 +167,75 @@ def train_dufm(
     return TrainResult(state=state, history=history, steps=step, converged=converged)
 
 
-# Settings every run of one batch must share: they fix the tensor shapes, the dtype and the update rule.
-BATCH_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
-
-
 def _batch_device(cfgs: list[DUFMConfig], runs: list[str]) -> torch.device:
-    """Check that the runs can share one batch; return their device."""
+    """Check that the runs can share one batch (SHAPE_KEYS and the device); return their device."""
     if len(cfgs) != len(runs):
         raise ValueError(f"train_dufm_batch: {len(cfgs)} configs but {len(runs)} run names")
     devices = [resolve_device(c.device) for c in cfgs]
-    for key, values in [(k, [getattr(c, k) for c in cfgs]) for k in BATCH_KEYS] + [("device", devices)]:
+    for key, values in [(k, [getattr(c, k) for c in cfgs]) for k in SHAPE_KEYS] + [("device", devices)]:
         other = next((i for i, v in enumerate(values) if v != values[0]), None)
         if other is not None:
             raise ValueError(
-                f"train_dufm_batch: runs of one batch must share {key!r} (shared: {', '.join(BATCH_KEYS)}, "
+                f"train_dufm_batch: runs of one batch must share {key!r} (shared: {', '.join(SHAPE_KEYS)}, "
                 f"device): run {runs[0]!r} has {key}={values[0]!r}, run {runs[other]!r} has "
                 f"{key}={values[other]!r}")
     return devices[0]
+
+
+@dataclass
+class _Batch:
+    """The active runs of a batch: parameters on a leading run axis (H_1 (B, d, N), W_l (B, d_{l+1},
+    d_l)), lambdas as (B, 1, 1) tensors (one per layer for lambda_W), active[i] the run of row i."""
+
+    state: DUFMState
+    lam_H: torch.Tensor
+    lam_W: list[torch.Tensor]
+    active: list[int]
+
+    @classmethod
+    def start(cls, cfgs: list[DUFMConfig], device: torch.device) -> _Batch:
+        """Every run from init_dufm(cfg) (the same seeded draws as train_dufm)."""
+        starts = [init_dufm(c, device) for c in cfgs]
+        state = DUFMState(H1=torch.stack([s.H1 for s in starts]),
+                          W=[torch.stack(ws) for ws in zip(*(s.W for s in starts))])
+
+        def per_run(values: list[float]) -> torch.Tensor:  # (B, 1, 1): broadcasts over each run's matrix
+            return torch.tensor(values, dtype=state.H1.dtype, device=device).view(-1, 1, 1)
+
+        return cls(state, per_run([c.lambda_H1 for c in cfgs]),
+                   [per_run(list(v)) for v in zip(*(c.lambda_W for c in cfgs))], list(range(len(cfgs))))
+
+    def keep(self, rows: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Keep the given rows (positions in the batch) of the batch and of grads; returns the kept grads."""
+        idx = torch.tensor(rows, device=self.state.H1.device)
+        self.state = DUFMState(H1=self.state.H1[idx], W=[W[idx] for W in self.state.W])
+        self.lam_H, self.lam_W = self.lam_H[idx], [lam[idx] for lam in self.lam_W]
+        self.active = [self.active[i] for i in rows]
+        return [g[idx] for g in grads]
+
+
+def _log_rows(step: int, batch: _Batch, grads: list[torch.Tensor], fit: torch.Tensor, sq: torch.Tensor,
+              cfgs: list[DUFMConfig], runs: list[str], history: list[list[dict[str, float]]],
+              results: list[TrainResult | None], on_nonfinite: str) -> list[int]:
+    """Write the history rows of the runs that log at step (one host sync) and the TrainResult of
+    the runs that finish there; returns the batch positions of those runs."""
+    logged = [i for i, r in enumerate(batch.active) if step % cfgs[r].log_every == 0 or step == cfgs[r].steps]
+    gnorm = torch.sqrt(sum((g.double() ** 2).sum((-2, -1)) for g in grads)).tolist()
+    fits, sqs = fit.double().tolist(), sq.double().tolist()
+    done = []
+    for i in logged:
+        r, cfg = batch.active[i], cfgs[batch.active[i]]
+        row = _row(step, fits[i], sqs[i], gnorm[i], cfg)
+        finite = _finite(row)
+        if not finite and on_nonfinite == "raise":
+            raise _nonfinite_error(runs[r], row, cfg)
+        history[r].append(row)
+        converged = finite and cfg.tol > 0 and gnorm[i] < cfg.tol
+        if converged or not finite or step == cfg.steps:
+            final = DUFMState(H1=batch.state.H1[i].clone(), W=[W[i].clone() for W in batch.state.W])
+            results[r] = TrainResult(final, history[r], step, converged)
+            done.append(i)
+    return done
 
 
 def train_dufm_batch(
@@ -200,7 +243,7 @@ def train_dufm_batch(
 ) -> list[TrainResult]:
     """Train several DUFM runs of one shape together; result i equals train_dufm(cfgs[i], runs[i]).
 
-    The runs must share BATCH_KEYS (K, L, n, width, dtype, optimizer) and the device; lr, lambda_H1,
+    The runs must share SHAPE_KEYS (K, L, n, width, dtype, optimizer) and the device; lr, lambda_H1,
     lambda_W, init_std, seed, steps, tol and log_every may differ. Each run starts from
     init_dufm(cfg) (the same seeded draws), the parameters are stacked along a leading run axis
     (H_1 (B, d, N), W_l (B, d_{l+1}, d_l), dtype cfg.dtype) and every step is one batched call of
@@ -225,19 +268,9 @@ def train_dufm_batch(
     if not cfgs:
         return []
     device = _batch_device(cfgs, runs)
-    starts = [init_dufm(c, device) for c in cfgs]
-    state = DUFMState(H1=torch.stack([s.H1 for s in starts]),
-                      W=[torch.stack(ws) for ws in zip(*(s.W for s in starts))])
-    dtype = state.H1.dtype
-
-    def per_run(values: list[float]) -> torch.Tensor:  # (B, 1, 1): broadcasts over each run's matrix
-        return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
-
-    lam_H = per_run([c.lambda_H1 for c in cfgs])
-    lam_W = [per_run(list(v)) for v in zip(*(c.lambda_W for c in cfgs))]
-    Y = targets(cfgs[0].K, cfgs[0].n, dtype, device)
-    update = _Update(cfgs[0].optimizer, [c.lr for c in cfgs], state.params())
-    active = list(range(len(cfgs)))  # run index of each row of the batch
+    batch = _Batch.start(cfgs, device)
+    Y = targets(cfgs[0].K, cfgs[0].n, batch.state.H1.dtype, device)
+    update = _Update(cfgs[0].optimizer, [c.lr for c in cfgs], batch.state.params())
     history: list[list[dict[str, float]]] = [[] for _ in cfgs]
     results: list[TrainResult | None] = [None] * len(cfgs)
     bar = tqdm(total=max(c.steps for c in cfgs), desc=f"{len(cfgs)} DUFM runs", disable=not progress,
@@ -245,38 +278,20 @@ def train_dufm_batch(
     step = next_log = 0  # next_log: the next step at which some active run writes a row
     with torch.no_grad():
         while True:
-            grads, fit, sq = gradients(state, Y, lam_H, lam_W)
-            done = []
-            if step == next_log:  # one host sync per step at which some run logs
-                logged = [i for i, r in enumerate(active)
-                          if step % cfgs[r].log_every == 0 or step == cfgs[r].steps]
-                gnorm = torch.sqrt(sum((g.double() ** 2).sum((-2, -1)) for g in grads)).tolist()
-                fits, sqs = fit.double().tolist(), sq.double().tolist()
-                for i in logged:
-                    r, cfg = active[i], cfgs[active[i]]
-                    row = _row(step, fits[i], sqs[i], gnorm[i], cfg)
-                    finite = _finite(row)
-                    if not finite and on_nonfinite == "raise":
-                        raise _nonfinite_error(runs[r], row, cfg)
-                    history[r].append(row)
-                    converged = finite and cfg.tol > 0 and gnorm[i] < cfg.tol
-                    if converged or not finite or step == cfg.steps:
-                        final = DUFMState(H1=state.H1[i].clone(), W=[W[i].clone() for W in state.W])
-                        results[r] = TrainResult(final, history[r], step, converged)
-                        done.append(i)
+            grads, fit, sq = gradients(batch.state, Y, batch.lam_H, batch.lam_W)
+            # One host sync per step at which some run logs.
+            done = (_log_rows(step, batch, grads, fit, sq, cfgs, runs, history, results, on_nonfinite)
+                    if step == next_log else [])
             if done:  # drop finished runs from the batch
-                rows = [i for i in range(len(active)) if i not in done]
-                active = [active[i] for i in rows]
-                if not active:
+                rows = [i for i in range(len(batch.active)) if i not in done]
+                if not rows:
                     break
-                idx = torch.tensor(rows, device=device)
-                state = DUFMState(H1=state.H1[idx], W=[W[idx] for W in state.W])
-                grads, lam_H, lam_W = [g[idx] for g in grads], lam_H[idx], [lam[idx] for lam in lam_W]
-                update.keep(rows, state.params())
-                bar.set_postfix(active=len(active), refresh=False)
+                grads = batch.keep(rows, grads)
+                update.keep(rows, batch.state.params())
+                bar.set_postfix(active=len(batch.active), refresh=False)
             if step == next_log:
                 next_log = min(min(step - step % cfgs[r].log_every + cfgs[r].log_every, cfgs[r].steps)
-                               for r in active)
+                               for r in batch.active)
             update(grads)
             step += 1
             bar.update(1)

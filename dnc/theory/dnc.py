@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["DNCOptimum", "dnc_optimum", "dnc_loss", "largest_root", "local_minimum_structure",
-           "lambda_vector"]
+           "lambda_vector", "REGIME_NONZERO", "REGIME_ZERO_LOCAL", "REGIME_ZERO", "REGIME_NO_THEORY"]
+
+# The regimes of DNCOptimum.regime: below the threshold the non-zero DNC solution is optimal; above
+# it zero is, with or without a DNC-shaped local minimum. REGIME_NO_THEORY: no closed form at all
+# (a zero penalty, e.g. a network head trained without weight decay).
+REGIME_NONZERO = "nonzero optimum"
+REGIME_ZERO_LOCAL = "zero optimum (DNC local minimum exists)"
+REGIME_ZERO = "zero optimum"
+REGIME_NO_THEORY = "no theory"
 
 
 def lambda_vector(lambda_W: float | Sequence[float], L: int, allow_zero: bool = False) -> list[float]:
@@ -118,12 +126,12 @@ class DNCOptimum:
 
     @property
     def regime(self) -> str:
-        """'nonzero optimum', 'zero optimum (DNC local minimum exists)' or 'zero optimum'."""
+        """REGIME_NONZERO, REGIME_ZERO_LOCAL or REGIME_ZERO."""
         if not self.zero_optimal:
-            return "nonzero optimum"
+            return REGIME_NONZERO
         if self.local_scale is not None:
-            return "zero optimum (DNC local minimum exists)"
-        return "zero optimum"
+            return REGIME_ZERO_LOCAL
+        return REGIME_ZERO
 
 
 def _structure(c: float, K: int, L: int, n: int, lam_H: float, lams: list[float], P: float):

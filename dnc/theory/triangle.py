@@ -19,7 +19,22 @@ import numpy as np
 
 from dnc.theory.dnc import dnc_loss, lambda_vector, largest_root
 
-__all__ = ["TriangleOptimum", "triangle_loss", "triangle_optimum", "incidence_matrices"]
+__all__ = ["TriangleOptimum", "triangle_loss", "triangle_optimum", "incidence_matrices", "FOLLOWUP_REFERENCE"]
+
+
+@dataclass(frozen=True)
+class LowRankSetting:
+    """A DUFM setting of the low-rank comparison: K classes, L layers, n per class, every lambda."""
+
+    K: int
+    L: int
+    n: int
+    lam: float
+
+
+# The reference setting of the follow-up paper (docs/theory.md section 5.3): the 4-DUFM with
+# K = C(5, 2) = 10, n = 5 and lambda_H1 = every lambda_W = 0.004.
+FOLLOWUP_REFERENCE = LowRankSetting(K=10, L=4, n=5, lam=0.004)
 
 
 def _classes_of(K: int) -> int | None:

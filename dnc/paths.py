@@ -1,0 +1,107 @@
+"""Output paths: the one home of where every stage writes (results/README.md, docs/schemas.md).
+
+The rules in workflow/rules/ and the library both take their paths from here; pass ``"{run}"`` as
+the run to get a Snakemake wildcard pattern. Torch-free, so that the workflow parses quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+__all__ = ["RESULTS", "RunPaths", "run_paths", "NetPaths", "net_paths", "RFMPaths", "rfm_paths",
+           "dataset_path", "ReportPaths", "report_paths"]
+
+RESULTS = "results"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of a DUFM run: training writes history, features and weights; measuring writes
+    metrics, comparison and verdict."""
+
+    history: str
+    features: str
+    weights: str
+    metrics: str
+    comparison: str
+    verdict: str
+
+    @property
+    def trained(self) -> tuple[str, str, str]:
+        """The training outputs (history, features, weights)."""
+        return self.history, self.features, self.weights
+
+    @property
+    def measured(self) -> tuple[str, str, str]:
+        """The measuring outputs (metrics, comparison, verdict)."""
+        return self.metrics, self.comparison, self.verdict
+
+    def all(self) -> tuple[str, ...]:
+        return astuple(self)
+
+
+def run_paths(run: str, root: str = RESULTS) -> RunPaths:
+    """The paths of one DUFM run (the same whether trained alone or in a batch)."""
+    return RunPaths(f"{root}/dufm/{run}/history.parquet", f"{root}/dufm/{run}/features.parquet",
+                    f"{root}/dufm/{run}/weights.parquet", f"{root}/metrics/{run}/metrics.parquet",
+                    f"{root}/theory/{run}/comparison.parquet", f"{root}/theory/{run}/verdict.parquet")
+
+
+@dataclass(frozen=True)
+class NetPaths:
+    """Every file and folder of a network run. resume is the training job's private scratch
+    folder (checkpoints for a resume after a kill); no other stage reads it."""
+
+    history: str
+    snapshots: str
+    resume: str
+    features: str
+    objective: str
+    metrics: str
+    comparison: str
+    verdict: str
+    analysis: str
+
+
+def net_paths(run: str, root: str = RESULTS) -> NetPaths:
+    net = f"{root}/nets/{run}"
+    return NetPaths(f"{net}/history.parquet", f"{net}/snapshots", f"{net}/resume", f"{net}/features",
+                    f"{net}/objective.parquet", f"{root}/metrics/{run}/metrics.parquet",
+                    f"{root}/theory/{run}/comparison.parquet", f"{root}/theory/{run}/verdict.parquet",
+                    f"{root}/analysis/{run}/analysis.parquet")
+
+
+@dataclass(frozen=True)
+class RFMPaths:
+    """Every output of a Deep RFM run."""
+
+    metrics: str
+    layers: str
+    features: str
+
+
+def rfm_paths(run: str, root: str = RESULTS) -> RFMPaths:
+    return RFMPaths(f"{root}/metrics/{run}/metrics.parquet", f"{root}/rfm/{run}/layers.parquet",
+                    f"{root}/rfm/{run}/features")
+
+
+def dataset_path(name: str, root: str = RESULTS) -> str:
+    """The prepared dataset file of a key of the config's ``datasets``."""
+    return f"{root}/datasets/{name}.parquet"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """The report, and the partial report that a failed invocation leaves beside it. The partial
+    one never stands at the real report's path: Snakemake would take it for a finished report and
+    plan nothing on the next invocation."""
+
+    summary: str
+    html: str
+    partial_summary: str
+    partial_html: str
+
+
+def report_paths(root: str = RESULTS) -> ReportPaths:
+    return ReportPaths(f"{root}/report/summary.parquet", f"{root}/report/index.html",
+                       f"{root}/report/partial/summary.parquet", f"{root}/report/partial/index.html")
