@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dnc.agop import layer_agops, layer_split_metrics
+from dnc.agop import layer_agops, stack_split_metrics
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +96,13 @@ def main() -> None:
     weights, readout = [m.weight.detach() for m in linears[:-1]], linears[-1].weight.detach()
     t0 = time.perf_counter()
     phis, agops = layer_agops(weights, readout, X)
-    rows = [layer_split_metrics(phi, W, y, agop) for phi, W, agop in zip(phis, weights, agops)]
+    rows = [split.row() for split in stack_split_metrics(phis[0], weights, y, agops)]
     analysis_s = time.perf_counter() - t0
     print(f"train {train_s:.1f} s, analysis {analysis_s:.1f} s")
     print("layer  NC1 Phi -> SVtPhi -> ReLU(WPhi)   Phi AGOP^1/2   nfa_sqrt nfa_plain  share(log) share(lin)")
     for l, r in enumerate(rows, start=1):
-        print(f"{l:>5}  {r['nc1_trace_input']:.4g} -> {r['nc1_trace_projected']:.4g} -> "
-              f"{r['nc1_trace_layer']:.4g}   {r['nc1_trace_agop_projected']:.4g}   {r['nfa_sqrt']:.3f}  "
+        print(f"{l:>5}  {r['nc1_trace_input']:.4g} -> {r['nc1_trace_svd']:.4g} -> "
+              f"{r['nc1_trace_layer']:.4g}   {r['nc1_trace_agop']:.4g}   {r['nfa_sqrt']:.3f}  "
               f"{r['nfa_plain']:.3f}   {r['svd_share']:.3f}  {r['svd_share_linear']:.3f}")
     print("layers with svd_share > 0.5:", sum(r["svd_share"] > 0.5 for r in rows))
     if args.json:

@@ -4,8 +4,9 @@ Definitions, conventions and the meaning of every returned key are in docs/agop.
 
 - `network_agop`: (1/n) sum_i J_f(x_i)^T J_f(x_i) with K backward passes per batch.
 - `psd_sqrt`, `nfa_correlation`: the neural feature ansatz (NFA) correlation of W^T W and AGOP^{1/2}.
-- `svd_split`, `layer_split_metrics`: NC1/NC2 of a bias-free Linear+ReLU layer's input, of its right
-  singular projection S V^T Phi, of its output ReLU(W Phi) and of Phi AGOP^{1/2}; the SVD share.
+- `svd_split`, `layer_split_metrics`, `stack_split_metrics`: NC1/NC2 of a bias-free Linear+ReLU
+  layer's input, of its right singular projection S V^T Phi, of its output ReLU(W Phi) and of
+  Phi AGOP^{1/2} (the representations dnc.layout.ANALYSIS_REPRESENTATIONS); the SVD share, the NFA.
 - `rest_of_network`, `layer_agops`: each layer's input and AGOP for a bias-free Linear+ReLU stack.
 """
 
@@ -13,26 +14,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from dnc.layout import ANALYSIS_REPRESENTATIONS
 from dnc.linalg import psd_sqrt
-from dnc.metrics import layer_metrics
+from dnc.metrics import Convention, layer_metrics
 
-__all__ = [
-    "network_agop",
-    "psd_sqrt",
-    "nfa_correlation",
-    "svd_split",
-    "svd_share",
-    "layer_split_metrics",
-    "rest_of_network",
-    "layer_agops",
-]
+__all__ = ["network_agop", "psd_sqrt", "nfa_correlation", "svd_split", "svd_share", "SPLIT_METRICS",
+           "LayerSplit", "layer_split_metrics", "stack_split_metrics", "rest_of_network", "layer_agops"]
 
 ACC = torch.float64
-REPRESENTATIONS = ("input", "projected", "layer", "agop_projected")
+# The collapse metrics measured on every representation of a split, in table order.
+SPLIT_METRICS = ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth")
 Readout = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -125,7 +121,7 @@ def svd_split(
     """Representations of one bias-free Linear+ReLU layer, split by the SVD W = U S V^T.
 
     Features are rows, so S V^T Phi is Phi @ V @ diag(S). U has orthonormal columns, so collapse
-    metrics of Phi W^T = (Phi V S) U^T equal those of Phi V S: the step from "projected" to "layer"
+    metrics of Phi W^T = (Phi V S) U^T equal those of Phi V S: the step from "svd" to "layer"
     isolates the ReLU.
 
     Args:
@@ -134,18 +130,19 @@ def svd_split(
         agop: optional (d_in, d_in) AGOP of the network with respect to this layer's input.
 
     Returns:
-        float64 tensors on Phi's device: "input" (N, d_in) Phi; "projected" (N, r) Phi V S with
-        r = min(d_out, d_in); "layer" (N, d_out) ReLU(Phi W^T); and, when agop is given,
-        "agop_projected" (N, d_in) Phi AGOP^{1/2}.
+        float64 tensors on Phi's device, keyed by dnc.layout.ANALYSIS_REPRESENTATIONS in that order:
+        "input" (N, d_in) Phi; "svd" (N, r) Phi V S with r = min(d_out, d_in); "layer" (N, d_out)
+        ReLU(Phi W^T); and, when agop is given, "agop" (N, d_in) Phi AGOP^{1/2}.
     """
     Phi64 = Phi.detach().to(ACC)
     W64 = W.detach().to(device=Phi.device, dtype=ACC)
     if W64.ndim != 2 or Phi64.ndim != 2 or W64.shape[1] != Phi64.shape[1]:
         raise ValueError(f"need W (d_out, d_in) and Phi (N, d_in), got {tuple(W.shape)}, {tuple(Phi.shape)}")
     _, S, Vh = torch.linalg.svd(W64, full_matrices=False)
-    out = {"input": Phi64, "projected": (Phi64 @ Vh.T) * S, "layer": torch.relu(Phi64 @ W64.T)}
+    inp, svd, layer, agop_rep = ANALYSIS_REPRESENTATIONS
+    out = {inp: Phi64, svd: (Phi64 @ Vh.T) * S, layer: torch.relu(Phi64 @ W64.T)}
     if agop is not None:
-        out["agop_projected"] = Phi64 @ psd_sqrt(agop.to(Phi.device))
+        out[agop_rep] = Phi64 @ psd_sqrt(agop.to(Phi.device))
     return out
 
 
@@ -165,43 +162,83 @@ def svd_share(nc1_input: float, nc1_projected: float, nc1_layer: float, log: boo
     return (a - p) / (a - l) if a - l > 0 else math.nan
 
 
-def layer_split_metrics(
-    Phi: torch.Tensor,
-    W: torch.Tensor,
-    labels: torch.Tensor,
-    agop: torch.Tensor | None = None,
-    nc1_key: str = "nc1_trace",
-) -> dict[str, float]:
-    """Collapse metrics of one layer's SVD split, as one flat row (docs/agop.md, "Layer split").
+@dataclass
+class LayerSplit:
+    """Collapse of one bias-free Linear+ReLU layer, split by the SVD (docs/agop.md, "Layer split").
+
+    metrics: representation (svd_split's keys, in order) -> {metric: value} for SPLIT_METRICS;
+    scalars: "svd_share" (log form) and "svd_share_linear" of the nc1_key form of NC1 ("nc1_trace"
+    or "nc1_pinv"), and "nfa_sqrt", "nfa_plain" when the NFA was measured; output: (N, d_out)
+    float64 ReLU(Phi W^T), the next layer's input.
+    """
+
+    metrics: dict[str, dict[str, float]]
+    scalars: dict[str, float]
+    nc1_key: str
+    output: torch.Tensor = field(repr=False)
+
+    def row(self) -> dict[str, float]:
+        """One flat row: "<metric>_<representation>" for every measured pair, the scalars, and
+        "share_nc1" (1.0 = trace, 0.0 = pinv)."""
+        row = {f"{k}_{rep}": v for rep, m in self.metrics.items() for k, v in m.items()}
+        return {**row, **self.scalars, "share_nc1": 1.0 if self.nc1_key == "nc1_trace" else 0.0}
+
+
+def layer_split_metrics(Phi: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                        agop: torch.Tensor | None = None, nc1_key: str = "nc1_trace",
+                        convention: Convention | None = None, nfa: bool = True,
+                        name: str = "layer") -> LayerSplit:
+    """Collapse metrics of one layer's SVD split, its SVD shares and NFA correlations.
 
     Args:
         Phi: (N, d_in) layer input, any float dtype; W: (d_out, d_in) bias-free weight.
         labels: (N,) integer classes.
-        agop: optional (d_in, d_in) AGOP with respect to this layer's input (adds the
-            "agop_projected" representation and the NFA correlations).
+        agop: optional (d_in, d_in) AGOP with respect to this layer's input (adds the "agop"
+            representation and, with nfa, the NFA correlations).
         nc1_key: NC1 form used by the shares, "nc1_trace" (tr S_W / tr S_B, default, as in the
             reference numbers) or "nc1_pinv" (tr(S_W S_B^+)/K).
-
-    Returns:
-        {"<metric>_<rep>": float} for metric in nc1_pinv, nc1_trace, nc2_etf, nc2_orth and rep in
-        input, projected, layer (and agop_projected); "svd_share" (log form), "svd_share_linear",
-        "share_nc1" (1.0 = trace, 0.0 = pinv), and "nfa_sqrt", "nfa_plain" when agop is given.
+        convention: of the collapse metrics (default Convention()).
+        nfa: measure nfa_sqrt and nfa_plain when agop is given.
+        name: the layer's name in error messages.
     """
     if nc1_key not in ("nc1_trace", "nc1_pinv"):
         raise ValueError(f"nc1_key must be 'nc1_trace' or 'nc1_pinv', got {nc1_key!r}")
-    row: dict[str, float] = {}
-    for rep, H in svd_split(W, Phi, agop).items():
-        m = layer_metrics(H, labels)
-        for key in ("nc1_pinv", "nc1_trace", "nc2_etf", "nc2_orth"):
-            row[f"{key}_{rep}"] = m.get(key, math.nan)
-    nc1 = [row[f"{nc1_key}_{rep}"] for rep in REPRESENTATIONS[:3]]
-    row["svd_share"] = svd_share(*nc1, log=True)
-    row["svd_share_linear"] = svd_share(*nc1, log=False)
-    row["share_nc1"] = 1.0 if nc1_key == "nc1_trace" else 0.0
-    if agop is not None:
-        row["nfa_sqrt"] = nfa_correlation(W, agop, sqrt=True)
-        row["nfa_plain"] = nfa_correlation(W, agop, sqrt=False)
-    return row
+    reps = svd_split(W, Phi, agop)
+    labels = torch.as_tensor(labels)
+    metrics = {}
+    for rep, H in reps.items():
+        m = layer_metrics(H, labels.to(H.device), convention=convention, name=f"{name} {rep}")
+        metrics[rep] = {k: m[k] for k in SPLIT_METRICS}
+    a, p, out = (metrics[rep][nc1_key] for rep in ANALYSIS_REPRESENTATIONS[:3])
+    scalars = {"svd_share": svd_share(a, p, out, log=True),
+               "svd_share_linear": svd_share(a, p, out, log=False)}
+    if agop is not None and nfa:
+        scalars["nfa_sqrt"] = nfa_correlation(W, agop, sqrt=True)
+        scalars["nfa_plain"] = nfa_correlation(W, agop, sqrt=False)
+    return LayerSplit(metrics, scalars, nc1_key, reps[ANALYSIS_REPRESENTATIONS[2]])
+
+
+def stack_split_metrics(Phi: torch.Tensor, weights: Sequence[torch.Tensor], labels: torch.Tensor,
+                        agops: Sequence[torch.Tensor] | None = None, nc1_key: str = "nc1_trace",
+                        convention: Convention | None = None, nfa: bool = True) -> list[LayerSplit]:
+    """layer_split_metrics of every layer of a bias-free Linear+ReLU stack, in depth order.
+
+    Args:
+        Phi: (N, d_0) input of the first layer; layer l's input is layer l-1's output (float64).
+        weights: W_1..W_m, W_l of shape (d_l, d_{l-1}).
+        labels: (N,) integer classes.
+        agops: optional AGOP_l (d_{l-1}, d_{l-1}) of each layer's input (layer_agops).
+        nc1_key, convention, nfa: as in layer_split_metrics.
+    """
+    if agops is not None and len(agops) != len(weights):
+        raise ValueError(f"{len(agops)} AGOPs for {len(weights)} layers")
+    splits: list[LayerSplit] = []
+    for l, W in enumerate(weights):
+        split = layer_split_metrics(Phi, W, labels, None if agops is None else agops[l], nc1_key,
+                                    convention, nfa, name=f"layer {l + 1}")
+        splits.append(split)
+        Phi = split.output
+    return splits
 
 
 def rest_of_network(

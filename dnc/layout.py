@@ -22,6 +22,8 @@ __all__ = [
     "FeatureColumn",
     "column_name",
     "parse_column",
+    "make_column",
+    "rfm_column",
     "weight_index",
     "dufm_columns",
     "feature_file",
@@ -61,18 +63,22 @@ class FeatureColumn:
     weight: int | None = None
 
 
-def column_name(layer: int, representation: str) -> str:
-    """'l{layer}_{representation}', e.g. column_name(2, 'post') == 'l2_post'."""
-    if representation not in REPRESENTATIONS:
-        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+def column_name(layer: int, representation: str, vocabulary: tuple[str, ...] = REPRESENTATIONS) -> str:
+    """'l{layer}_{representation}', e.g. column_name(2, 'post') == 'l2_post'.
+
+    vocabulary: the representation names allowed (REPRESENTATIONS for DUFM and network feature
+    files, RFM_REPRESENTATIONS for Deep RFM feature files)."""
+    if representation not in vocabulary:
+        raise ValueError(f"representation must be one of {vocabulary}, got {representation!r}")
     return f"l{layer}_{representation}"
 
 
-def parse_column(name: str) -> tuple[int, str]:
+def parse_column(name: str, vocabulary: tuple[str, ...] = REPRESENTATIONS) -> tuple[int, str]:
     """Inverse of column_name: 'l3_pre' -> (3, 'pre')."""
-    m = re.fullmatch(r"l(\d+)_(input|pre|post|output)", name)
+    names = "|".join(map(re.escape, vocabulary))
+    m = re.fullmatch(rf"l(\d+)_({names})", name)
     if m is None:
-        raise ValueError(f"{name!r} is not a feature column name (l<layer>_<input|pre|post|output>)")
+        raise ValueError(f"{name!r} is not a feature column name (l<layer>_<{names}>)")
     return int(m.group(1)), m.group(2)
 
 
@@ -87,6 +93,12 @@ def make_column(layer: int, representation: str, dim: int) -> FeatureColumn:
     """The FeatureColumn of (layer, representation) with its weight index."""
     return FeatureColumn(column_name(layer, representation), layer, representation, dim,
                          weight_index(layer, representation))
+
+
+def rfm_column(layer: int, representation: str, dim: int) -> FeatureColumn:
+    """The FeatureColumn of a Deep RFM layer's representation (RFM_REPRESENTATIONS; no weight acts
+    on it): rfm_column(3, 'mapped', 512).column == 'l3_mapped'."""
+    return FeatureColumn(column_name(layer, representation, RFM_REPRESENTATIONS), layer, representation, dim)
 
 
 def dufm_columns(L: int) -> list[tuple[int, str]]:

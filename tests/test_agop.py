@@ -16,9 +16,11 @@ from dnc.agop import (
     nfa_correlation,
     psd_sqrt,
     rest_of_network,
+    stack_split_metrics,
     svd_share,
     svd_split,
 )
+from dnc.layout import ANALYSIS_REPRESENTATIONS
 from dnc.metrics import layer_metrics
 
 
@@ -90,11 +92,12 @@ def test_svd_split_representations():
     Phi, y = clustered()
     W = torch.randn(4, 6, dtype=torch.float64)
     reps = svd_split(W, Phi, agop=W.T @ W)
-    assert reps["projected"].shape == (60, 4)
+    assert tuple(reps) == ANALYSIS_REPRESENTATIONS  # the analysis table's names, in its order
+    assert reps["svd"].shape == (60, 4)
     torch.testing.assert_close(reps["layer"], torch.relu(Phi @ W.T))
     torch.testing.assert_close(reps["input"], Phi)
-    torch.testing.assert_close(reps["agop_projected"], Phi @ psd_sqrt(W.T @ W))
-    lin, proj = layer_metrics(Phi @ W.T, y), layer_metrics(reps["projected"], y)
+    torch.testing.assert_close(reps["agop"], Phi @ psd_sqrt(W.T @ W))
+    lin, proj = layer_metrics(Phi @ W.T, y), layer_metrics(reps["svd"], y)
     for key in ("nc1_trace", "nc1_pinv"):
         assert proj[key] == pytest.approx(lin[key], rel=1e-9)
 
@@ -102,15 +105,38 @@ def test_svd_split_representations():
 def test_layer_split_metrics_row():
     Phi, y = clustered()
     W = torch.randn(8, 6, dtype=torch.float64)
-    row = layer_split_metrics(Phi, W, y, agop=W.T @ W)
-    for rep in ("input", "projected", "layer", "agop_projected"):
+    split = layer_split_metrics(Phi, W, y, agop=W.T @ W)
+    row = split.row()
+    for rep in ANALYSIS_REPRESENTATIONS:
+        assert split.metrics[rep] == {k: layer_metrics(svd_split(W, Phi, W.T @ W)[rep], y)[k]
+                                      for k in ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth")}
         for key in ("nc1_pinv", "nc1_trace", "nc2_etf", "nc2_orth"):
             assert f"{key}_{rep}" in row
-    assert row["nfa_plain"] == pytest.approx(1.0)
-    a, p, l = (row[f"nc1_trace_{r}"] for r in ("input", "projected", "layer"))
+    assert row["nfa_plain"] == pytest.approx(1.0) and row["share_nc1"] == 1.0
+    a, p, l = (row[f"nc1_trace_{r}"] for r in ("input", "svd", "layer"))
     assert row["svd_share"] == pytest.approx(svd_share(a, p, l), nan_ok=True)
     assert row["svd_share_linear"] == pytest.approx(svd_share(a, p, l, log=False), nan_ok=True)
-    assert "nfa_sqrt" not in layer_split_metrics(Phi, W, y)
+    torch.testing.assert_close(split.output, torch.relu(Phi @ W.T))
+    assert "nfa_sqrt" not in layer_split_metrics(Phi, W, y).scalars
+    assert "nfa_sqrt" not in layer_split_metrics(Phi, W, y, agop=W.T @ W, nfa=False).scalars
+    pinv = layer_split_metrics(Phi, W, y, nc1_key="nc1_pinv")
+    a, p, l = (pinv.metrics[r]["nc1_pinv"] for r in ("input", "svd", "layer"))
+    assert pinv.scalars["svd_share"] == pytest.approx(svd_share(a, p, l), nan_ok=True)
+    assert pinv.row()["share_nc1"] == 0.0
+
+
+def test_stack_split_feeds_each_layer_the_previous_output():
+    Phi, y = clustered()
+    weights = [torch.randn(8, 6, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)]
+    agops = [torch.eye(6, dtype=torch.float64), torch.eye(8, dtype=torch.float64)]
+    first, second = stack_split_metrics(Phi, weights, y, agops)
+    h1 = torch.relu(Phi @ weights[0].T)
+    assert second.metrics == layer_split_metrics(h1, weights[1], y, agops[1]).metrics
+    assert first.metrics == layer_split_metrics(Phi, weights[0], y, agops[0]).metrics
+    scalars = {"svd_share", "svd_share_linear", "nfa_sqrt", "nfa_plain"}
+    assert set(first.scalars) == set(second.scalars) == scalars
+    with pytest.raises(ValueError, match="2 AGOPs for 1 layers"):
+        stack_split_metrics(Phi, weights[:1], y, agops)
 
 
 def test_svd_share():
@@ -128,7 +154,7 @@ def test_svd_share_nan_when_layer_raises_nc1():
     Phi = torch.cat([Phi, torch.randn(len(y), 1, dtype=torch.float64)], dim=1)
     W = torch.zeros(1, 7, dtype=torch.float64)
     W[0, 6] = 1.0
-    row = layer_split_metrics(Phi, W, y)
+    row = layer_split_metrics(Phi, W, y).row()
     assert row["nc1_trace_layer"] > row["nc1_trace_input"]
     assert math.isnan(row["svd_share"]) and math.isnan(row["svd_share_linear"])
 

@@ -18,22 +18,27 @@ agop_rows). Everything after the network's H_1 is computed in float64 on the net
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from dnc.agop import layer_agops, nfa_correlation, svd_share, svd_split
-from dnc.metrics import Convention, layer_metrics
+from dnc.agop import SPLIT_METRICS, layer_agops, stack_split_metrics
+from dnc.layout import snapshot_file
+from dnc.metrics import Convention
+from dnc.metrics.streaming import empty_metrics
 from dnc.nets.models import Net
+from dnc.nets.train import restore_net
 
-__all__ = ["COLUMNS", "REPRESENTATIONS", "NC_METRICS", "head_stack", "head_inputs", "agop_rows",
-           "network_agops", "analyze_network", "analyze_splits"]
+log = logging.getLogger(__name__)
+
+__all__ = ["COLUMNS", "NC_METRICS", "head_stack", "head_inputs", "agop_rows", "network_agops",
+           "analyze_network", "analyze_splits", "analyze_epochs", "empty_analysis"]
 
 COLUMNS = ["layer", "representation", "split", "step", "metric", "value"]
-# dnc.agop.svd_split key -> representation name in the analysis table
-REPRESENTATIONS = {"input": "input", "projected": "svd", "layer": "layer", "agop_projected": "agop"}
-NC_METRICS = ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth")
+NC_METRICS = SPLIT_METRICS
 ACC = torch.float64
 
 
@@ -112,23 +117,11 @@ def analyze_network(net: Net, X: torch.Tensor, y: torch.Tensor, split: str, step
                              f"network_agops(net, X_train, y_train)")
         agops = network_agops(net, X, y, agop_samples)
     weights, _ = head_stack(net)
-    labels = torch.as_tensor(y)
-    phi = head_inputs(net, X)
-    rows: list[tuple] = []
-    for layer, (W, agop) in enumerate(zip(weights, agops), start=1):
-        reps = svd_split(W, phi, agop)
-        nc1 = {}
-        for key, H in reps.items():
-            m = layer_metrics(H, labels.to(H.device), convention=convention, name=f"layer {layer} {key}")
-            nc1[key] = m["nc1_trace"]
-            rows += [(layer, REPRESENTATIONS[key], split, step, k, m[k]) for k in NC_METRICS]
-        a, p, out = nc1["input"], nc1["projected"], nc1["layer"]
-        rows += [(layer, "weights", split, step, "svd_share", svd_share(a, p, out, log=True)),
-                 (layer, "weights", split, step, "svd_share_linear", svd_share(a, p, out, log=False))]
-        if split == "train":
-            rows += [(layer, "weights", split, step, "nfa_sqrt", nfa_correlation(W, agop, sqrt=True)),
-                     (layer, "weights", split, step, "nfa_plain", nfa_correlation(W, agop, sqrt=False))]
-        phi = reps["layer"]
+    splits = stack_split_metrics(head_inputs(net, X), weights, torch.as_tensor(y), agops,
+                                 convention=convention, nfa=split == "train")
+    rows = [(layer, rep, split, step, k, v)
+            for layer, s in enumerate(splits, start=1)
+            for rep, values in [*s.metrics.items(), ("weights", s.scalars)] for k, v in values.items()]
     table = pd.DataFrame(rows, columns=COLUMNS)
     return table.astype({"layer": "int64", "step": "int64", "value": "float64"})
 
@@ -140,3 +133,30 @@ def analyze_splits(net: Net, splits: Mapping[str, tuple[torch.Tensor, torch.Tens
     frames = [analyze_network(net, X, y, split, step, agops=agops, convention=convention)
               for split, (X, y) in splits.items()]
     return pd.concat(frames, ignore_index=True)
+
+
+def empty_analysis() -> pd.DataFrame:
+    """An analysis table (COLUMNS) with no rows and the dtypes of a real one: a run that reached no
+    feature epoch (it diverged before the first)."""
+    return empty_metrics()[COLUMNS]
+
+
+def analyze_epochs(run: str, snapshots: str | os.PathLike, epochs: Sequence[int],
+                   splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], device: str = "cpu",
+                   agop_samples: int | None = None, convention: Convention | None = None) -> pd.DataFrame:
+    """The analyze_network stage: analyze_splits of the network snapshot of every epoch (dnc.layout
+    snapshot_file in the snapshots folder), as one tidy table with columns run, COLUMNS, convention
+    (the metrics convention and agop_samples). No epoch (a run that diverged before its first
+    feature epoch): no rows, the same columns."""
+    convention = convention or Convention()
+    frames = []
+    for epoch in epochs:
+        net, _ = restore_net(snapshot_file(snapshots, epoch), device)
+        frames.append(analyze_splits(net, splits, epoch, agop_samples, convention))
+        at = frames[-1].query("split == 'train' and metric in ('nc1_trace', 'svd_share', 'nfa_sqrt')")
+        log.info("epoch %d (train):\n%s", epoch,
+                 at.pivot_table("value", "layer", ["representation", "metric"]))
+    table = pd.concat(frames, ignore_index=True) if frames else empty_analysis()
+    table.insert(0, "run", run)
+    table["convention"] = f"{convention.describe()};agop_samples={agop_samples}"
+    return table

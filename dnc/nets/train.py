@@ -27,24 +27,27 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from dnc.device import resolve_device
 from dnc.errors import NonFiniteLossError
-from dnc.io import atomic_path
+from dnc.io import atomic_path, read_frame
 from dnc.layout import snapshot_file
 from dnc.nets.models import Net, build_net
 from dnc.settings import NetConfig
+from dnc.theory.dnc import lambda_vector
 
 log = logging.getLogger(__name__)
 
 __all__ = ["train_network", "load_checkpoint", "restore_net", "export_snapshots", "sample_loss",
-           "diverged_epoch", "reached_epochs"]
+           "diverged_epoch", "reached_epochs", "read_history", "HISTORY_COLUMNS"]
 
 
 def targets_for(y: torch.Tensor, K: int, kind: str) -> torch.Tensor:
@@ -61,8 +64,7 @@ def sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
 
 def _optimizer(net: Net, cfg: NetConfig) -> torch.optim.Optimizer:
     # Per-layer decays; zero is allowed here (no weight decay: the AGOP paper's recipe).
-    decay = cfg.lambda_W
-    lams = [float(decay)] * cfg.L if isinstance(decay, float | int) else [float(v) for v in decay]
+    lams = lambda_vector(cfg.lambda_W, cfg.L, allow_zero=True)
     head = [{"params": [w], "weight_decay": lam} for w, lam in zip(net.head.weights, lams)]
     rest = [p for n, p in net.named_parameters() if not n.startswith("head.")]
     groups = [{"params": rest, "weight_decay": cfg.weight_decay}, *head]
@@ -111,6 +113,60 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
                          f"torch said: {str(e).splitlines()[0]}") from e
 
 
+def _resume(out: Path, cfg: NetConfig, net: Net, opt: torch.optim.Optimizer, sched, run: str,
+            on_conflict: str, device: str) -> tuple[list[dict], int]:
+    """(history, first epoch to train): from <out>/last.pt, loaded into net, opt and sched, when it
+    holds this config; ([], 1) when there is none or, with on_conflict="restart", it holds another
+    (its checkpoints are then deleted)."""
+    last = out / "last.pt"
+    ck = load_checkpoint(last, device) if last.exists() else None
+    if ck is not None and ck["config"] != cfg.resume_key():
+        if on_conflict != "restart":
+            raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
+        log.warning("%s: discarding checkpoints of another config in %s", run, out)
+        for f in out.glob("*.pt"):
+            f.unlink()
+        ck = None
+    if ck is None:
+        return [], 1
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    log.info("%s: resumed after epoch %d from %s", run, ck["epoch"], last)
+    return ck["history"], ck["epoch"] + 1
+
+
+def _train_epoch(net: Net, opt: torch.optim.Optimizer, sched, cfg: NetConfig, X: torch.Tensor,
+                 y: torch.Tensor, epoch: int, dev: torch.device) -> tuple[float, int] | None:
+    """The mini-batch updates of one epoch over the N training rows X (N, *shape), y (N,).
+
+    Returns None, or (loss, batch index) of the first non-finite mini-batch loss: the epoch stops
+    there, before that batch's update.
+    """
+    net.train()
+    N = len(y)
+    # A fixed permutation per (seed, epoch), so resumed runs see the same batches.
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    for i in range(0, N, cfg.batch_size):
+        idx = perm[i:i + cfg.batch_size]
+        xb, yb = X[idx].to(dev), y[idx].to(dev)
+        logits, h = net(xb)
+        loss = (sample_loss(logits, yb, cfg.loss) + 0.5 * N * cfg.lambda_H1 * (h**2).sum(1)).mean()
+        if not torch.isfinite(loss):
+            return float(loss.detach()), i // cfg.batch_size
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return None
+
+
+def _diverged(message: str, on_nonfinite: str) -> None:
+    if on_nonfinite == "raise":
+        raise NonFiniteLossError(message)
+    log.warning("%s: the run diverged and stops here", message)
+
+
 def train_network(
     cfg: NetConfig, data: dict, resume_dir: str | Path, num_classes: int, run: str = "net",
     progress: bool = True, stop_after: int | None = None, on_conflict: str = "error",
@@ -134,30 +190,12 @@ def train_network(
     out = Path(resume_dir)
     torch.manual_seed(cfg.seed)
     Xtr, ytr = data["train"]
-    N = len(ytr)
     net = build_net(cfg.arch, list(Xtr.shape[1:]), num_classes, cfg.head_width, cfg.head_layers,
                     list(cfg.mlp_widths), cfg.bias, cfg.init_gain, cfg.head_init,
                     cfg.head_init_gain).to(dev)
     opt = _optimizer(net, cfg)
-    steps = math.ceil(N / cfg.batch_size)
-    sched = _scheduler(opt, cfg, steps)
-    history: list[dict] = []
-    start = 1
-    last = out / "last.pt"
-    ck = load_checkpoint(last, str(dev)) if last.exists() else None
-    if ck is not None and ck["config"] != cfg.resume_key():
-        if on_conflict != "restart":
-            raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
-        log.warning("%s: discarding checkpoints of another config in %s", run, out)
-        for f in out.glob("*.pt"):
-            f.unlink()
-        ck = None
-    if ck is not None:
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        history, start = ck["history"], ck["epoch"] + 1
-        log.info("%s: resumed after epoch %d from %s", run, ck["epoch"], last)
+    sched = _scheduler(opt, cfg, math.ceil(len(ytr) / cfg.batch_size))
+    history, start = _resume(out, cfg, net, opt, sched, run, on_conflict, str(dev))
 
     def checkpoint(epoch: int, path: Path) -> None:
         _save(path, {"model": net.state_dict(), "optimizer": opt.state_dict(),
@@ -169,30 +207,14 @@ def train_network(
     bar = tqdm(range(start, cfg.epochs + 1), desc=run, disable=not progress, initial=start - 1,
                total=cfg.epochs)
     for epoch in bar:
-        # One epoch: a fixed permutation per (seed, epoch), so resumed runs see the same batches.
-        net.train()
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        for i in range(0, N, cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            xb, yb = Xtr[idx].to(dev), ytr[idx].to(dev)
-            logits, h = net(xb)
-            loss = (sample_loss(logits, yb, cfg.loss) + 0.5 * N * cfg.lambda_H1 * (h**2).sum(1)).mean()
-            if not torch.isfinite(loss):
-                message = (f"run {run!r}: non-finite loss {float(loss.detach())} at epoch {epoch}, batch "
-                           f"{i // cfg.batch_size}; lower lr ({cfg.lr})")
-                if on_nonfinite == "raise":
-                    raise NonFiniteLossError(message)
-                log.warning("%s: the run diverged and stops here", message)
-                history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"],
-                                **{f"{s}_{m}": math.nan for s in data for m in ("loss", "acc")},
-                                "train_loss": float(loss.detach())})
-                bar.close()
-                return history
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        # Evaluation, history, checkpoints.
+        bad = _train_epoch(net, opt, sched, cfg, Xtr, ytr, epoch, dev)
+        if bad is not None:
+            _diverged(f"run {run!r}: non-finite loss {bad[0]} at epoch {epoch}, batch {bad[1]}; lower lr "
+                      f"({cfg.lr})", on_nonfinite)
+            history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                            **{f"{s}_{m}": math.nan for s in data for m in ("loss", "acc")},
+                            "train_loss": bad[0]})
+            break
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
         for split, (X, y) in data.items():
             row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, X, y, cfg)
@@ -200,22 +222,27 @@ def train_network(
         if not math.isfinite(row["train_loss"]):
             # The last update of the epoch made the parameters non-finite (its mini-batch loss was
             # finite): the run diverged at this epoch, and nothing of it is checkpointed.
-            message = (f"run {run!r}: non-finite train loss {row['train_loss']} after epoch {epoch}; "
-                       f"lower lr ({cfg.lr})")
-            if on_nonfinite == "raise":
-                raise NonFiniteLossError(message)
-            log.warning("%s: the run diverged and stops here", message)
-            bar.close()
-            return history
+            _diverged(f"run {run!r}: non-finite train loss {row['train_loss']} after epoch {epoch}; "
+                      f"lower lr ({cfg.lr})", on_nonfinite)
+            break
         bar.set_postfix(train_loss=f"{row['train_loss']:.4g}", train_acc=f"{row['train_acc']:.3f}")
         if epoch in cfg.feature_epochs:
             checkpoint(epoch, snapshot_file(out, epoch))
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-            checkpoint(epoch, last)
+            checkpoint(epoch, out / "last.pt")
         if stop_after is not None and epoch >= stop_after:
             break
     bar.close()
     return history
+
+
+HISTORY_COLUMNS = {"epoch": "int", "train_loss": "float"}  # what the later stages read of a history
+
+
+def read_history(path: str | os.PathLike) -> pd.DataFrame:
+    """A training history file (train_network's rows), checked for the HISTORY_COLUMNS the later
+    stages read (diverged_epoch, reached_epochs)."""
+    return read_frame(path, HISTORY_COLUMNS)
 
 
 def diverged_epoch(history) -> int | None:

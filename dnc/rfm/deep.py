@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dnc.layout import RFM_REPRESENTATIONS
 from dnc.linalg import psd_sqrt
 from dnc.rfm.kernels import Kernel, as_tensor, kernel_agop
 
 __all__ = ["RFMLayer", "deep_rfm", "pm_one_hot", "normalize_rows", "REPRESENTATIONS", "FEATURE_MAPS"]
 
-REPRESENTATIONS = ("input", "projected", "mapped")
+REPRESENTATIONS = RFM_REPRESENTATIONS  # input, projected, mapped: the names of dnc.layout
 FEATURE_MAPS = ("relu", "cosine", "identity")
 
 
@@ -93,7 +94,7 @@ def _apply_map(feature_map: str, P: torch.Tensor, W: torch.Tensor | None,
 def _layer_forward(X: torch.Tensor, S: torch.Tensor | None, feature_map: str, W: torch.Tensor | None,
                    b: torch.Tensor | None) -> dict[str, torch.Tensor]:
     P = X if S is None else X @ S
-    return {"input": X, "projected": P, "mapped": _apply_map(feature_map, P, W, b)}
+    return dict(zip(REPRESENTATIONS, (X, P, _apply_map(feature_map, P, W, b))))
 
 
 def deep_rfm(
@@ -143,28 +144,10 @@ def deep_rfm(
     Returns:
         List of ``depth`` RFMLayer records (see docs/rfm.md for shapes and disk cost).
     """
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-    if feature_map == "cosine" and (gamma is None or not gamma > 0):
-        raise ValueError("feature_map='cosine' needs gamma > 0 (the Cauchy scale of W)")
-    unknown = set(record) - set(REPRESENTATIONS)
-    if unknown:
-        raise ValueError(f"record: unknown names {sorted(unknown)}; choose from {REPRESENTATIONS}")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    _check_args(feature_map, gamma, record, depth)
     dev = torch.device(device) if device is not None else (
         X.device if isinstance(X, torch.Tensor) else torch.device("cpu"))
-    Xl = as_tensor(X, dtype, dev)
-    Xl = Xl.reshape(Xl.shape[0], -1)
-    y = as_tensor(labels, torch.int64, dev).reshape(-1)
-    if y.shape[0] != Xl.shape[0]:
-        raise ValueError(f"X has {Xl.shape[0]} rows but labels has {y.shape[0]}")
-    Tl = None
-    if X_test is not None:
-        Tl = as_tensor(X_test, dtype, dev)
-        Tl = Tl.reshape(Tl.shape[0], -1)
-        if Tl.shape[1] != Xl.shape[1]:
-            raise ValueError(f"X_test has {Tl.shape[1]} features per sample, X has {Xl.shape[1]}")
+    Xl, y, Tl = _inputs(X, labels, X_test, dtype, dev)
     K = int(num_classes) if num_classes is not None else int(y.max()) + 1
     Y = pm_one_hot(y, K, dtype) if agop else None
     gen = torch.Generator().manual_seed(seed)
@@ -175,11 +158,8 @@ def deep_rfm(
         t0 = time.perf_counter()
         Xl = normalize_rows(Xl)
         d = Xl.shape[1]
-        S, agop_max = None, float("nan")
-        if agop:
-            G = kernel_agop(Xl, Y, kernel, bandwidth, ridge, dtype=dtype, check_memory=check_memory)
-            agop_max = float(G.abs().max())
-            S = psd_sqrt(G / agop_max).to(dtype)
+        S, agop_max = (_agop_sqrt(Xl, Y, kernel, bandwidth, ridge, dtype, check_memory) if agop
+                       else (None, float("nan")))
         W, b = _draw_map(feature_map, d, width, gamma, gen)
         W = None if W is None else W.to(device=dev, dtype=dtype)
         b = None if b is None else b.to(device=dev, dtype=dtype)
@@ -199,3 +179,40 @@ def deep_rfm(
             W=None if not keep_maps or W is None else keep(W),
             b=None if not keep_maps or b is None else keep(b)))
     return layers
+
+
+def _agop_sqrt(X: torch.Tensor, Y: torch.Tensor, kernel: Kernel, bandwidth: float, ridge: float,
+               dtype: torch.dtype, check_memory: bool) -> tuple[torch.Tensor, float]:
+    """(S, max |AGOP|): S (d, d) the square root of the kernel machine's AGOP scaled to max |entry| 1."""
+    G = kernel_agop(X, Y, kernel, bandwidth, ridge, dtype=dtype, check_memory=check_memory)
+    agop_max = float(G.abs().max())
+    return psd_sqrt(G / agop_max).to(dtype), agop_max
+
+
+def _check_args(feature_map: str, gamma: float | None, record: Sequence[str], depth: int) -> None:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+    if feature_map == "cosine" and (gamma is None or not gamma > 0):
+        raise ValueError("feature_map='cosine' needs gamma > 0 (the Cauchy scale of W)")
+    unknown = set(record) - set(REPRESENTATIONS)
+    if unknown:
+        raise ValueError(f"record: unknown names {sorted(unknown)}; choose from {REPRESENTATIONS}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+
+
+def _inputs(X, labels, X_test, dtype: torch.dtype,
+            dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """X (n, d), labels (n,) int64 and X_test (m, d) or None on dev, samples flattened to rows."""
+    Xl = as_tensor(X, dtype, dev)
+    Xl = Xl.reshape(Xl.shape[0], -1)
+    y = as_tensor(labels, torch.int64, dev).reshape(-1)
+    if y.shape[0] != Xl.shape[0]:
+        raise ValueError(f"X has {Xl.shape[0]} rows but labels has {y.shape[0]}")
+    if X_test is None:
+        return Xl, y, None
+    Tl = as_tensor(X_test, dtype, dev)
+    Tl = Tl.reshape(Tl.shape[0], -1)
+    if Tl.shape[1] != Xl.shape[1]:
+        raise ValueError(f"X_test has {Tl.shape[1]} features per sample, X has {Xl.shape[1]}")
+    return Xl, y, Tl

@@ -17,10 +17,10 @@ import torch
 
 from dnc.data import subset
 from dnc.device import resolve_device
-from dnc.layout import FeatureColumn
+from dnc.layout import RFM_REPRESENTATIONS, FeatureColumn, column_name, rfm_column
 from dnc.metrics import Convention, layer_metrics
 from dnc.metrics.streaming import TIDY_COLUMNS
-from dnc.rfm.deep import REPRESENTATIONS, RFMLayer, deep_rfm
+from dnc.rfm.deep import RFMLayer, deep_rfm
 from dnc.settings import RFMConfig
 
 __all__ = ["select_rows", "run_rfm", "rfm_metrics", "layer_table", "feature_columns"]
@@ -63,7 +63,7 @@ def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np
 def _representations(layers: list[RFMLayer]) -> Iterator[tuple[int, str, str, torch.Tensor]]:
     for rec in layers:
         for split, reps in (("train", rec.train), ("test", rec.test)):
-            for rep in REPRESENTATIONS:
+            for rep in RFM_REPRESENTATIONS:
                 if reps is not None and rep in reps:
                     yield rec.layer, rep, split, reps[rep]
 
@@ -76,7 +76,7 @@ def rfm_metrics(layers: list[RFMLayer], labels: dict[str, np.ndarray], run: str,
     """
     rows = []
     for layer, rep, split, H in _representations(layers):
-        name = f"{run}:l{layer}_{rep}:{split}"
+        name = f"{run}:{column_name(layer, rep, RFM_REPRESENTATIONS)}:{split}"
         values = layer_metrics(H, labels[split], convention=convention, name=name)
         rows += [{"layer": layer, "representation": rep, "split": split, "metric": k, "value": v}
                  for k, v in values.items()]
@@ -96,7 +96,7 @@ def layer_table(layers: list[RFMLayer], run: str) -> pd.DataFrame:
 def feature_columns(layers: list[RFMLayer], split: str) -> list[tuple[FeatureColumn, np.ndarray]]:
     """(FeatureColumn, (n, d) array) pairs of every layer's representations, for dnc.io.write_features.
 
-    Columns are named l<layer>_<representation> with representation input / projected / mapped.
+    Columns are named by dnc.layout.rfm_column: l<layer>_<input|projected|mapped>.
     """
-    return [(FeatureColumn(f"l{layer}_{rep}", layer, rep, H.shape[1]), H.cpu().numpy())
+    return [(rfm_column(layer, rep, H.shape[1]), H.cpu().numpy())
             for layer, rep, s, H in _representations(layers) if s == split]
