@@ -1,11 +1,16 @@
 """Expansion of the experiment grids of config/config.yaml into runs with stable, readable ids.
 
 A DUFM experiment is the ``dufm.defaults`` mapping overridden by the experiment's own keys; its
-``grid`` maps a key to a list of values and the runs are the Cartesian product of the grid (in the
-order the keys are written) times ``seeds``. The run id is
+``grid`` maps a key to a list of values and the runs are the Cartesian product of the grid (keys in
+sorted order) times ``seeds``. The run id is
 ``<experiment>-<key><value>-...-s<seed>``, built only from the experiment name, the grid values
-and the seed, so it never changes when an unrelated setting does: changing a setting reruns the
-jobs of the same ids (Snakemake's params trigger) and adding a seed or grid value adds new ids.
+(keys in sorted order) and the seed, so it never changes when an unrelated setting does: changing
+a setting reruns the jobs of the same ids (Snakemake's params trigger) and adding a seed or grid
+value adds new ids.
+
+Snakemake compares a rule's params by their repr, so every mapping passed as a param is made
+canonical (``canonical``: keys sorted at every level, ints of float settings as floats): the same
+settings give the same params whatever the order or spelling of the keys in the config.
 
 ``lambda`` is a shorthand that sets lambda_H1 and every lambda_W to one value. A key that neither
 the defaults nor the experiment set takes its default from dnc.settings (the one home of defaults),
@@ -16,18 +21,47 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
+from dnc.data import DatasetSpec, sample_shape
 from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
 
-__all__ = ["ConfigError", "dufm_batches", "dufm_tolerances", "expand_dufm_runs",
-           "expand_network_runs", "expand_rfm_runs", "format_value"]
+__all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_tolerances",
+           "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs", "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
 NET_KEYS = tuple(f.name for f in fields(NetConfig) if f.name not in ("seed", "device"))
 RFM_KEYS = tuple(f.name for f in fields(RFMConfig) if f.name not in ("seed", "device"))
+
+
+def canonical(value: Any) -> Any:
+    """The canonical form of a param: mappings with their keys sorted at every level, tuples as
+    lists. Two configs that differ only in the order of their keys give equal reprs."""
+    if isinstance(value, Mapping):
+        return {str(k): canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def _float_keys(cls: type) -> frozenset[str]:
+    """Fields of a settings dataclass whose values are floats (or tuples of floats)."""
+    return frozenset(f.name for f in fields(cls) if str(f.type).startswith("float"))
+
+
+def _as_floats(cls: type, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with ints written for float fields (lr: 1) as floats (lr: 1.0), so that both
+    spellings give the same params and the same summary columns."""
+    keys = _float_keys(cls)
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return [conv(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    return {k: conv(v) if k in keys else v for k, v in settings.items()}
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -88,7 +122,7 @@ def _grid_runs(section: str, experiments: Mapping[str, Any], defaults: Mapping[s
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{section}.experiments.{exp}.grid.{key}: must be a non-empty list")
         base = base_of(exp, spec, grid)
-        axes = list(grid)
+        axes = sorted(grid)  # the order the keys are written in changes neither ids nor run order
         for combo in itertools.product(*(grid[k] for k in axes)):
             point = dict(zip(axes, combo))
             for seed in seeds:
@@ -121,9 +155,10 @@ def expand_dufm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
     runs: dict[str, dict[str, Any]] = {}
     for exp, rid, seed, point, values in _grid_runs("dufm", dufm.get("experiments"), defaults, base_of):
-        settings = _resolve(exp, values)
+        settings = _as_floats(DUFMConfig, _resolve(exp, values))
         _validate(DUFMConfig, settings, f"dufm.experiments.{exp} (run {rid})")
-        runs[rid] = {**{k: settings[k] for k in RUN_KEYS}, "seed": seed, "experiment": exp, "grid": point}
+        runs[rid] = {**{k: settings[k] for k in RUN_KEYS}, "seed": seed, "experiment": exp,
+                     "grid": _as_floats(DUFMConfig, point)}
     return runs
 
 
@@ -153,18 +188,51 @@ def _dataset_runs(config: Mapping[str, Any], section: str, cls: type,
             if settings.get(key) is not None and settings[key] not in datasets:
                 raise ConfigError(f"{where}.{key}: {settings[key]!r} is not a key of "
                                   f"datasets ({sorted(datasets)})")
+        settings = _as_floats(cls, settings)
         _validate(cls, settings, f"{where} (run {rid})")
-        runs[rid] = {**{k: settings[k] for k in keys}, "seed": seed, "experiment": exp, "grid": point}
+        runs[rid] = {**{k: settings[k] for k in keys}, "seed": seed, "experiment": exp,
+                     "grid": _as_floats(cls, point)}
     return runs
+
+
+def dataset_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map each key of ``datasets`` to its full spec (every option, defaults filled in, canonical),
+    checked by building dnc.data.DatasetSpec: an unknown option or value names the dataset."""
+    specs = {}
+    for name, spec in (config.get("datasets") or {}).items():
+        try:
+            specs[name] = canonical(asdict(DatasetSpec(**(spec or {}))))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"datasets.{name}: {e}") from e
+    return specs
+
+
+# Architectures whose backbone is convolutional: they take image samples (C, H, W) only.
+IMAGE_ARCHS = ("resnet20", "resnet18")
 
 
 def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Map run id -> resolved network run settings (NET_KEYS, seed, experiment, grid values).
 
     Same grammar as the DUFM experiments (networks.defaults, networks.experiments.<name> with grid
-    and seeds). The dataset must be a key of the top-level ``datasets`` mapping.
+    and seeds). The dataset must be a key of the top-level ``datasets`` mapping; an architecture
+    that cannot take the dataset's sample shape, or an ood_dataset of another sample shape than
+    the dataset, is refused here, before any job runs.
     """
-    return _dataset_runs(config, "networks", NetConfig, NET_KEYS)
+    runs = _dataset_runs(config, "networks", NetConfig, NET_KEYS)
+    specs = dataset_specs(config)
+    for rid, s in runs.items():
+        where = f"networks.experiments.{s['experiment']} (run {rid})"
+        shape = sample_shape(DatasetSpec(**specs[s["dataset"]]))
+        if s["arch"] in IMAGE_ARCHS and len(shape) != 3:
+            raise ConfigError(f"{where}: arch {s['arch']!r} takes image samples (C, H, W), but dataset "
+                              f"{s['dataset']!r} has samples of shape {shape}; use arch mlp or plain")
+        if s.get("ood_dataset") is not None:
+            ood = sample_shape(DatasetSpec(**specs[s["ood_dataset"]]))
+            if ood != shape:
+                raise ConfigError(f"{where}: ood_dataset {s['ood_dataset']!r} has samples of shape {ood}, "
+                                  f"dataset {s['dataset']!r} of shape {shape}; they must match")
+    return runs
 
 
 def expand_rfm_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from dnc.io import BadInputError, read_metadata, read_table, write_parquet
 
-__all__ = ["DatasetSpec", "load_splits", "prepare_dataset", "read_split", "TORCHVISION"]
+if TYPE_CHECKING:  # torch is imported where it is used: the workflow parses without it
+    import torch
+
+__all__ = ["DatasetSpec", "load_splits", "prepare_dataset", "read_split", "sample_shape", "TORCHVISION"]
 
 # name -> (torchvision class, folder under root that holds its files, how to obtain them)
 TORCHVISION = {
@@ -33,6 +36,12 @@ TORCHVISION = {
     "svhn": ("SVHN", ".", "train_32x32.mat and test_32x32.mat"),
 }
 OFFLINE = ("digits", "mnist1d", "gaussian")
+GAUSSIAN = {"K": 10, "dim": 20, "separation": 2.0, "n": 100}  # defaults of the gaussian mixture
+# Shape of one sample as the loaders below return it (gaussian: (1, dim)); the workflow checks an
+# architecture against it before any job runs.
+SAMPLE_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "mnist": (1, 28, 28),
+                 "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
+                 "svhn": (3, 32, 32)}
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class DatasetSpec:
     standardize: bool = False
     seed: int = 0
     test_fraction: float = 0.2
-    gaussian: dict = field(default_factory=lambda: {"K": 10, "dim": 20, "separation": 2.0, "n": 100})
+    gaussian: dict = field(default_factory=lambda: dict(GAUSSIAN))
     classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -79,6 +88,16 @@ class DatasetSpec:
             if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
                 raise ValueError(f"{self.name}: classes must name at least two distinct labels, "
                                  f"got {list(self.classes)}")
+        unknown = sorted(set(self.gaussian) - set(GAUSSIAN))
+        if unknown:
+            raise ValueError(f"gaussian: unknown option(s) {unknown}; allowed: {sorted(GAUSSIAN)}")
+        object.__setattr__(self, "gaussian", {**GAUSSIAN, **self.gaussian})
+
+
+def sample_shape(spec: DatasetSpec) -> tuple[int, ...]:
+    """Shape of one sample of the dataset, without loading it: (C, H, W) for images, (1, d) for
+    vectors (mnist1d, gaussian)."""
+    return (1, int(spec.gaussian["dim"])) if spec.name == "gaussian" else SAMPLE_SHAPES[spec.name]
 
 
 Split = tuple[np.ndarray, np.ndarray]  # X (N, *shape) float32, y (N,) int64
@@ -107,7 +126,7 @@ def _mnist1d(spec: DatasetSpec) -> dict[str, Split]:
 
 
 def _gaussian(spec: DatasetSpec) -> dict[str, Split]:
-    g = {"K": 10, "dim": 20, "separation": 2.0, "n": 100, **spec.gaussian}
+    g = spec.gaussian
     rng = np.random.default_rng(spec.seed)
     mu = rng.standard_normal((g["K"], g["dim"])) * g["separation"] / np.sqrt(2)
     out = {}
@@ -227,6 +246,8 @@ def prepare_dataset(spec: DatasetSpec, path: str | os.PathLike) -> dict:
 
 def read_split(path: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """X (N, *shape) float32 and y (N,) int64 of one split, plus the dataset metadata."""
+    import torch
+
     try:
         meta = read_metadata(path, "dnc:dataset")
     except KeyError as e:

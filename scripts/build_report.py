@@ -1,11 +1,15 @@
 """Aggregate every run into results/report/summary.parquet and one self-contained index.html."""
 
+from pathlib import Path
+
 from dnc.logs import configure_logging
 from dnc.report import write_report
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-inp, p, out = snakemake.input, snakemake.params, snakemake.output  # noqa: F821
+log = configure_logging(snakemake.log[0])
+inp, p, out = snakemake.input, snakemake.params, snakemake.output
 
 write_report({key: list(inp[key]) for key in inp.keys()}, p.runs, p.net_runs, p.rfm_runs,
              p.configfiles, out.summary, out.html)
+for stale in p.partial:  # an earlier failed invocation's partial report: superseded by this one
+    Path(stale).unlink(missing_ok=True)
 log.info("report of %d DUFM, %d network and %d Deep RFM runs", len(p.runs), len(p.net_runs), len(p.rfm_runs))

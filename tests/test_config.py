@@ -143,9 +143,10 @@ def test_batches_group_runs_of_one_shape_in_run_order():
     assert batches["one-s0"] == ["one-s0"]
     scan = {b: r for b, r in batches.items() if b.startswith("scan")}
     assert sorted(scan) == ["scan-0-b0", "scan-0-b1", "scan-1-b0", "scan-1-b1"]
-    assert scan["scan-0-b0"] == ["scan-width8-lambda0.01-s0", "scan-width8-lambda0.01-s1",
-                                 "scan-width8-lambda0.02-s0"]
-    assert scan["scan-0-b1"] == ["scan-width8-lambda0.02-s1"]
+    # grid keys in sorted order: lambda before width
+    assert scan["scan-0-b0"] == ["scan-lambda0.01-width8-s0", "scan-lambda0.01-width8-s1",
+                                 "scan-lambda0.02-width8-s0"]
+    assert scan["scan-0-b1"] == ["scan-lambda0.02-width8-s1"]
     assert sorted(r for rs in batches.values() for r in rs) == sorted(runs)
     for members in batches.values():
         assert len({runs[r]["width"] for r in members}) == 1
@@ -164,3 +165,65 @@ def test_experiment_tolerances_override_the_theory_section():
     assert tol["strict-s0"] == {"loss_rtol": 1e-6, "grad_norm": 1e-7}
     assert tol["slow-width6-s0"] == tol["slow-width8-s0"] == {"loss_rtol": 1e-4, "grad_norm": 1e-7}
     assert "tolerances" not in runs["slow-width6-s0"]  # not a training setting
+
+
+def test_grid_key_order_changes_neither_ids_nor_run_order():
+    a = runs({"scan": {"seeds": [0, 1], "grid": {"width": [8, 16], "lambda": [0.05, 0.074]}}})
+    b = runs({"scan": {"grid": {"lambda": [0.05, 0.074], "width": [8, 16]}, "seeds": [0, 1]}})
+    assert list(a) == list(b) and a == b
+    assert list(a)[:2] == ["scan-lambda0.05-width8-s0", "scan-lambda0.05-width8-s1"]
+
+
+def test_canonical_params_ignore_key_order_and_int_spelling():
+    from dnc.config import canonical
+
+    a = runs({"e": {"lr": 1, "grid": {"width": [8]}}})
+    b = runs({"e": {"grid": {"width": [8]}, "lr": 1.0}})
+    assert repr(canonical(a)) == repr(canonical(b))
+    assert isinstance(a["e-width8-s0"]["lr"], float)
+    nested = {"b": {"y": 1, "x": (2, {"q": 1, "p": 0})}, "a": None}
+    assert repr(canonical(nested)) == "{'a': None, 'b': {'x': [2, {'p': 0, 'q': 1}], 'y': 1}}"
+    assert canonical(nested) == {"a": None, "b": {"y": 1, "x": [2, {"q": 1, "p": 0}]}}  # same content
+
+
+def _net_config(arch, dataset, ood=None):
+    return {"datasets": {"vec": {"name": "gaussian", "gaussian": {"dim": 7}},
+                         "img": {"name": "digits"}, "img2": {"name": "digits", "classes": [1, 2]}},
+            "networks": {"experiments": {"e": {"dataset": dataset, "arch": arch,
+                                               **({"ood_dataset": ood} if ood else {})}}}}
+
+
+def test_an_architecture_that_cannot_take_the_sample_shape_is_refused_naming_both():
+    from dnc.config import expand_network_runs
+
+    with pytest.raises(ConfigError) as e:
+        expand_network_runs(_net_config("resnet20", "vec"))
+    msg = str(e.value)
+    assert "networks.experiments.e" in msg and "'resnet20'" in msg and "'vec'" in msg and "(1, 7)" in msg
+    assert expand_network_runs(_net_config("resnet20", "img"))  # 8 x 8 images are fine
+    assert expand_network_runs(_net_config("mlp", "vec"))
+    with pytest.raises(ConfigError, match="ood_dataset 'vec' has samples of shape"):
+        expand_network_runs(_net_config("mlp", "img", ood="vec"))
+    assert expand_network_runs(_net_config("mlp", "img", ood="img2"))
+
+
+def test_dataset_options_are_checked_naming_the_dataset():
+    from dnc.config import dataset_specs
+
+    with pytest.raises(ConfigError, match="datasets.vec: .*gaussian: unknown option"):
+        dataset_specs({"datasets": {"vec": {"name": "gaussian", "gaussian": {"dims": 7}}}})
+    with pytest.raises(ConfigError, match="datasets.x: .*n_per_clas"):
+        dataset_specs({"datasets": {"x": {"name": "digits", "n_per_clas": 3}}})
+    a = dataset_specs({"datasets": {"d": {"standardize": True, "name": "digits"}}})
+    b = dataset_specs({"datasets": {"d": {"name": "digits", "standardize": True, "seed": 0}}})
+    assert repr(a) == repr(b)  # order and an explicit default give the same params
+
+
+@pytest.mark.parametrize("spec", [{"name": "digits"}, {"name": "mnist1d"},
+                                  {"name": "gaussian", "gaussian": {"dim": 7, "n": 3}}])
+def test_sample_shape_without_loading_matches_the_loaded_data(spec):
+    from dnc.data import DatasetSpec, load_splits, sample_shape
+
+    s = DatasetSpec(**spec)
+    splits, _ = load_splits(s)
+    assert tuple(splits["train"][0].shape[1:]) == sample_shape(s)

@@ -78,9 +78,9 @@ def planned_jobs(wd: Path, config: dict) -> set[tuple[str, str]]:
     return jobs
 
 
-def stage_jobs(batch: str) -> set[tuple[str, str]]:
-    """The one job of a DUFM batch (training, metrics and theory of its runs)."""
-    return {("dufm_" + re.sub(r"\W", "_", batch), "")}
+def stage_jobs(batch: str, stages=("train", "measure")) -> set[tuple[str, str]]:
+    """The jobs of a DUFM batch: training, then metrics and theory of its runs."""
+    return {(f"dufm_{stage}_" + re.sub(r"\W", "_", batch), "") for stage in stages}
 
 
 REPORT = {("build_report", ""), ("all", "")}
@@ -162,6 +162,46 @@ def test_changing_one_setting_reruns_only_its_run(finished):
     assert planned_jobs(finished, cfg) == stage_jobs("other-s0") | REPORT
 
 
+def _reordered(value):
+    """The same config with the keys of every mapping, at every level, in reverse order."""
+    if isinstance(value, dict):
+        return {k: _reordered(value[k]) for k in reversed(list(value))}
+    return [_reordered(v) for v in value] if isinstance(value, list) else value
+
+
+def test_reordering_or_respelling_config_keys_reruns_nothing(finished):
+    """Snakemake compares params by their repr: canonical params make key order irrelevant, and an
+    int written for a float setting (lr: 1 for 1.0) is the same setting."""
+    cfg = _reordered(copy.deepcopy(TINY))
+    assert list(cfg["datasets"]["blobs"]) == ["gaussian", "name"]  # the reordering is real
+    cfg["dufm"]["defaults"]["lr"] = 1
+    assert planned_jobs(finished, cfg) <= REPORT
+
+
+def test_metric_setting_reruns_measurement_never_training(finished, tmp_path):
+    """A metric convention change: the DUFM batches are measured again from their files on disk and
+    the networks' metrics and analysis recomputed; no training or extraction output is touched."""
+    wd = tmp_path / "wf"
+    shutil.copytree(finished, wd)  # copy2 keeps the mtimes that Snakemake compares
+    cfg = copy.deepcopy(TINY)
+    cfg["metrics"] = {"convention": {"global_mean": "samples"}}
+    measure = {job for b in ("scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0")
+               for job in stage_jobs(b, ("measure",))}
+    assert planned_jobs(wd, cfg) == measure | REPORT | {
+        ("compute_metrics", "net-s0"), ("analyze_network", "net-s0"),
+        ("deep_rfm", "rfm-agopTrue-s0"), ("deep_rfm", "rfm-agopFalse-s0")}
+    trained = sorted([*wd.glob("results/dufm/*/*.parquet"), *wd.glob("results/nets/*/*.parquet"),
+                      *wd.glob("results/nets/*/snapshots/*"), *wd.glob("results/nets/*/features/*")])
+    before = {f: f.stat().st_mtime_ns for f in trained}
+    old = pd.read_parquet(wd / "results/metrics/other-s0/metrics.parquet")
+    out = snakemake(wd, cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {f: f.stat().st_mtime_ns for f in trained} == before
+    new = pd.read_parquet(wd / "results/metrics/other-s0/metrics.parquet")
+    assert "muG=classes" in old["convention"].iloc[0] and "muG=samples" in new["convention"].iloc[0]
+    assert planned_jobs(wd, cfg) == set()
+
+
 def test_changing_one_grid_value_trains_only_that_point(finished):
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"]["scan"]["grid"]["lambda"] = [0.005, 0.02]
@@ -238,14 +278,22 @@ def test_diverged_run_is_a_result_and_a_failed_job_leaves_a_partial_report(tmp_p
     assert set(pd.read_parquet(wd / "results/metrics/wild-s0/metrics.parquet")["step"]) == {0}
     assert set(pd.read_parquet(wd / "results/analysis/wild-s0/analysis.parquet")["step"]) == {0}
 
-    html = (wd / "results/report/index.html").read_text()
+    # The partial report stands beside the real one, never at its path.
+    assert not (wd / "results/report/index.html").exists()
+    html = (wd / "results/report/partial/index.html").read_text()
     assert "Incomplete report: 1 run(s) did not finish" in html
     assert "lost-s0" in html and "results/nets/lost-s0/history.parquet" in html
     assert "Diverged DUFM runs" in html and "boom-s0" in html
     assert "Diverged network runs" in html and "wild-s0" in html
-    summary = pd.read_parquet(wd / "results/report/summary.parquet")
+    summary = pd.read_parquet(wd / "results/report/partial/summary.parquet")
     assert {"fine-s0", "net-s0"} <= set(summary["run"])
     assert not {"lost-s0", "boom-s0", "wild-s0"} & set(summary["run"])
+
+    # The same invocation again (say, once the data is in place) plans the failed chain and the
+    # report, not "Nothing to be done".
+    assert planned_jobs(wd, cfg) == {("prepare_dataset", ""), ("train_network", "lost-s0"),
+                                     ("extract_features", "lost-s0"), ("compute_metrics", "lost-s0"),
+                                     ("compare_network", "lost-s0"), ("analyze_network", "lost-s0")} | REPORT
 
 
 def test_no_partial_report_when_switched_off(tmp_path):
@@ -260,6 +308,7 @@ def test_no_partial_report_when_switched_off(tmp_path):
     assert out.returncode != 0
     assert (wd / "results/theory/fine-s0/verdict.parquet").exists()
     assert not (wd / "results/report/index.html").exists()
+    assert not (wd / "results/report/partial").exists()
 
 
 def test_network_setting_change_reruns_only_the_network_chain(finished):
@@ -283,7 +332,8 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
     n_dufm = 10 * (3 + 4)
-    batch_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_"))
+    batch_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_train_"))
+    assert batch_jobs == sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_measure_"))
     assert counts["prepare_dataset"] == "5" and counts["train_network"] == "3"
     assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1))  # seeds x (mnist, svhn, cifar cos, cifar relu)
     assert batch_jobs == n_dufm // 10 and counts["compare_network"] == "3"  # batches of 10 runs
@@ -344,6 +394,38 @@ def test_killed_training_job_resumes_from_its_checkpoint(tmp_path):
     reference = pd.read_parquet(clean / "results/nets/slow-s0/history.parquet")
     assert list(resumed["epoch"]) == list(range(1, 13))
     pd.testing.assert_frame_equal(resumed, reference)  # as if never interrupted
+
+
+def test_ctrl_c_then_the_same_command_resumes_training(tmp_path):
+    """Ctrl-C during a run (SIGINT to the whole foreground process group, as a terminal sends it):
+    Snakemake stops cleanly and leaves a partial report beside the real one; the same command
+    again resumes the training from its checkpoint and finishes the report."""
+    import os
+    import signal
+
+    cfg = copy.deepcopy(TINY)
+    cfg["dufm"]["experiments"] = {}
+    cfg.pop("rfm")
+    cfg["datasets"] = {"big": {"name": "gaussian", "gaussian": {"K": 4, "dim": 64, "separation": 3.0,
+                                                                 "n": 1500}}}
+    cfg["networks"]["experiments"] = {"slow": {"dataset": "big", "epochs": 12, "mlp_widths": [256, 256],
+                                               "lr": 0.01, "head_width": 64, "feature_epochs": [12]}}
+    wd = workdir_copy(tmp_path)
+    (wd / "test-config.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile", str(wd / "Snakefile"),
+           "--cores", "1", "--workflow-profile", "none", "--configfile", str(wd / "test-config.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_checkpoint(proc, wd / "results/nets/slow-s0/resume/last.pt", 2, timeout=120, poll=0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    assert not (wd / "results/report/index.html").exists()
+
+    assert ("train_network", "slow-s0") in planned_jobs(wd, cfg)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed after epoch" in (wd / "logs/train_network/slow-s0.log").read_text()
+    assert (wd / "results/report/index.html").exists()
+    assert not (wd / "results/report/partial").exists()  # the stale partial report is gone
 
 
 def test_snakemakes_own_report_holds_the_project_page(finished):

@@ -5,15 +5,15 @@ rule analyze_network:
         run=NET_RUN,
     input:
         dataset=net_dataset,
-        history="results/nets/{run}/history.parquet",
-        snapshots="results/nets/{run}/snapshots",
+        history=NET.history,
+        snapshots=NET.snapshots,
     output:
-        analysis="results/analysis/{run}/analysis.parquet",
+        analysis=NET.analysis,
     log:
         "logs/analyze_network/{run}.log",
     params:
         settings=net_analysis_settings,
-        convention=config["metrics"]["convention"],
+        convention=CONVENTION,
         device=config["device"],
         version=DNC_VERSION,
     threads: 1

@@ -1,16 +1,18 @@
-# Not rules: run ids from the config grids, wildcard constraints, input functions.
+# Not rules: run ids from the config grids, wildcard constraints, input functions. Parsing imports
+# no torch and no plotting library (dnc.config, dnc.paths and dnc.settings are torch-free).
 import re
 
 import dnc
-from dnc.config import ConfigError, dufm_batches, dufm_tolerances, expand_dufm_runs, expand_network_runs, expand_rfm_runs
-from dnc.dufm.batch import run_paths
-from dnc.report import write_report
+from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_tolerances,
+                        expand_dufm_runs, expand_network_runs, expand_rfm_runs)
+from dnc.paths import dataset_path, net_paths, report_paths, rfm_paths, run_paths
 from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
 
 try:
     RUNS = expand_dufm_runs(config)
     NET_RUNS = expand_network_runs(config)
     RFM_RUNS = expand_rfm_runs(config)
+    DATASETS = dataset_specs(config)
     DUFM_BATCHES = dufm_batches(config, RUNS)
     DUFM_TOLERANCES = dufm_tolerances(config, RUNS)
 except ConfigError as e:
@@ -19,9 +21,18 @@ _twice = (set(RUNS) & set(NET_RUNS)) | (set(RUNS) & set(RFM_RUNS)) | (set(NET_RU
 if _twice:
     raise WorkflowError(f"invalid config: run ids used twice: {sorted(_twice)}")
 
+# Snakemake compares params by their repr: every mapping passed as a param is canonical (keys
+# sorted at every level), so reordering the keys of a config reruns nothing.
+CONVENTION = canonical(config["metrics"]["convention"])
+NET_TOLERANCES = canonical(config["theory"]["network_tolerances"])
+
 # Code in the dnc package is invisible to Snakemake's code trigger; its version is passed as a
 # param so that a release bump reruns the stages.
 DNC_VERSION = dnc.__version__
+
+NET = net_paths("{run}")  # wildcard patterns of a network run's files
+RFM = rfm_paths("{run}")
+REPORT = report_paths()
 
 
 def alternatives(ids):
@@ -32,79 +43,80 @@ NET_RUN = alternatives(NET_RUNS)
 RFM_RUN = alternatives(RFM_RUNS)
 
 
-def batch_rule_name(batch):
-    """Rule names are identifiers: dufm_<batch id with other characters as _>."""
-    return "dufm_" + re.sub(r"\W", "_", batch)
-
-
-def per_run_outputs(runs):
-    """Every output file of these DUFM runs (dnc.dufm.batch.run_paths)."""
-    return [f for r in runs for f in run_paths(r).__dict__.values()]
+def batch_rule_name(stage, batch):
+    """Rule names are identifiers: dufm_<stage>_<batch id with other characters as _>."""
+    return f"dufm_{stage}_" + re.sub(r"\W", "_", batch)
 
 
 wildcard_constraints:
     dataset=alternatives(config.get("datasets", {})),
 
 
+def _net_settings(run, leave_out=()):
+    return canonical({k: v for k, v in NET_RUNS[run].items() if k not in leave_out})
+
+
 def net_analysis_settings(wildcards):
     """The settings the network analysis depends on: all but the extraction-only ones."""
-    return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in EXTRACTION_ONLY}
+    return _net_settings(wildcards.run, EXTRACTION_ONLY)
 
 
 def net_train_settings(wildcards):
     """The settings training depends on (not the analysis- or extraction-only ones), so that
     changing those reruns only the stages that read them."""
-    return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in ANALYSIS_ONLY + EXTRACTION_ONLY}
+    return _net_settings(wildcards.run, ANALYSIS_ONLY + EXTRACTION_ONLY)
 
 
 def net_extract_settings(wildcards):
     """The settings feature extraction depends on: training's and the OOD dataset."""
-    return {k: v for k, v in NET_RUNS[wildcards.run].items() if k not in ANALYSIS_ONLY}
+    return _net_settings(wildcards.run, ANALYSIS_ONLY)
 
 
 def net_ood_dataset(wildcards):
     """The OOD dataset file of a network run (NC5), or nothing."""
     name = NET_RUNS[wildcards.run].get("ood_dataset")
-    return [f"results/datasets/{name}.parquet"] if name else []
+    return [dataset_path(name)] if name else []
 
 
 def net_dataset(wildcards):
-    return f"results/datasets/{NET_RUNS[wildcards.run]['dataset']}.parquet"
+    return dataset_path(NET_RUNS[wildcards.run]["dataset"])
 
 
 def rfm_settings(wildcards):
-    return RFM_RUNS[wildcards.run]
+    return canonical(RFM_RUNS[wildcards.run])
 
 
 def rfm_dataset(wildcards):
-    return f"results/datasets/{RFM_RUNS[wildcards.run]['dataset']}.parquet"
+    return dataset_path(RFM_RUNS[wildcards.run]["dataset"])
 
 
-
-
-def per_run(pattern, runs=None):
-    return expand(pattern, run=list(RUNS if runs is None else runs))
+def per_run(field, runs, paths):
+    """One output (a field of paths(run): history, metrics, ...) of every run in runs."""
+    return [getattr(paths(r), field) for r in runs]
 
 
 def get_final_outputs():
-    return ["results/report/index.html", "results/report/summary.parquet"]
+    return [REPORT.html, REPORT.summary]
 
 
 def build_partial_report():
-    """After a failed run (with --keep-going, once every other job has finished): build the report
-    from the runs that finished and list those that did not (dnc.report.status). Only when the
-    report was a target of this invocation, and not when partial_report is false."""
+    """After a failed or interrupted run: build the report from the runs that finished at
+    results/report/partial/ and list those that did not (dnc.report.status). Never at the real
+    report's path (the next invocation must plan the failed jobs and the report again). Only when
+    the report was a target of this invocation, and not when partial_report is false."""
     if not config.get("partial_report", True) or getattr(workflow, "dryrun", False):
         return  # a dry run writes nothing
     if not any(job.rule.name == "build_report" for job in workflow.dag.jobs):
         return
+    from dnc.report import write_report  # imported here: the report's plotting stack is slow to load
+
     report_rule = workflow.get_rule("build_report")
     inputs = {key: list(report_rule.input[key]) for key in report_rule.input.keys()}
     try:
         missing = write_report(inputs, RUNS, NET_RUNS, RFM_RUNS, [str(f) for f in workflow.configfiles],
-                               *report_rule.output, partial=True)
+                               REPORT.partial_summary, REPORT.partial_html, partial=True)
     except Exception as e:  # the failed jobs are the error to report; this is a convenience
         logger.warning(f"could not build a partial report: {type(e).__name__}: {e}")
         return
     logger.warning(f"partial report of the runs that finished, {len(missing)} run(s) missing: "
-                   f"{report_rule.output[1]}")
+                   f"{REPORT.partial_html} (the next invocation reruns what is missing)")

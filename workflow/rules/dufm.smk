@@ -1,21 +1,19 @@
-# One job per batch of DUFM runs of the same shape (dnc.config.dufm_batches; batch size set per
-# experiment by its `batch` key, default 1): training, metrics and the comparison with theory of
-# those runs, each run keeping its own output files.
+# Two jobs per batch of DUFM runs of the same shape (dnc.config.dufm_batches; batch size set per
+# experiment by its `batch` key, default 1), each run keeping its own files (dnc.paths.run_paths):
+# dufm_train_<batch> trains the runs together; dufm_measure_<batch> measures them and compares them
+# with theory. A metric or theory setting reruns only the measuring jobs.
 for _batch, _runs in DUFM_BATCHES.items():
 
     rule:
         name:
-            batch_rule_name(_batch)
+            batch_rule_name("train", _batch)
         output:
-            per_run_outputs(_runs),
+            [f for r in _runs for f in run_paths(r).trained],
         log:
-            f"logs/dufm_batch/{_batch}.log",
+            f"logs/dufm_train/{_batch}.log",
         params:
             runs=_runs,
-            settings={r: RUNS[r] for r in _runs},
-            convention=config["metrics"]["convention"],
-            tolerances={r: DUFM_TOLERANCES[r] for r in _runs},
-            batch_rows=config["metrics"]["batch_rows"],
+            settings=canonical({r: RUNS[r] for r in _runs}),
             device=config["device"],
             version=DNC_VERSION,
         threads: 1
@@ -24,4 +22,25 @@ for _batch, _runs in DUFM_BATCHES.items():
             mem_mb=config["dufm_resources"]["mem_mb"],
             runtime=config["dufm_resources"]["runtime"],
         script:
-            "../../scripts/dufm_batch.py"
+            "../../scripts/dufm_train.py"
+
+    rule:
+        name:
+            batch_rule_name("measure", _batch)
+        input:
+            [f for r in _runs for f in run_paths(r).trained],
+        output:
+            [f for r in _runs for f in run_paths(r).measured],
+        log:
+            f"logs/dufm_measure/{_batch}.log",
+        params:
+            runs=_runs,
+            settings=canonical({r: RUNS[r] for r in _runs}),
+            convention=CONVENTION,
+            tolerances=canonical({r: DUFM_TOLERANCES[r] for r in _runs}),
+            batch_rows=config["metrics"]["batch_rows"],
+            device=config["device"],
+            version=DNC_VERSION,
+        threads: 1
+        script:
+            "../../scripts/dufm_measure.py"

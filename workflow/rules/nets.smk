@@ -1,10 +1,10 @@
 rule prepare_dataset:
     output:
-        dataset="results/datasets/{dataset}.parquet",
+        dataset=dataset_path("{dataset}"),
     log:
         "logs/prepare_dataset/{dataset}.log",
     params:
-        spec=lambda w: config["datasets"][w.dataset],
+        spec=lambda w: DATASETS[w.dataset],
         version=DNC_VERSION,
     threads: 1
     script:
@@ -17,14 +17,14 @@ rule train_network:
     input:
         dataset=net_dataset,
     output:
-        history="results/nets/{run}/history.parquet",
-        snapshots=directory("results/nets/{run}/snapshots"),
+        history=NET.history,
+        snapshots=directory(NET.snapshots),
     log:
         "logs/train_network/{run}.log",
     params:
         settings=net_train_settings,
         # The job's private scratch space (resume after a kill); no other rule reads it.
-        resume_dir=lambda w: f"results/nets/{w.run}/resume",
+        resume_dir=lambda w: net_paths(w.run).resume,
         device=config["device"],
         version=DNC_VERSION,
     threads: config["net_resources"]["threads"]
@@ -41,12 +41,12 @@ rule extract_features:
         run=NET_RUN,
     input:
         dataset=net_dataset,
-        history="results/nets/{run}/history.parquet",
-        snapshots="results/nets/{run}/snapshots",
+        history=NET.history,
+        snapshots=NET.snapshots,
         ood=net_ood_dataset,
     output:
-        features=directory("results/nets/{run}/features"),
-        objective="results/nets/{run}/objective.parquet",
+        features=directory(NET.features),
+        objective=NET.objective,
     log:
         "logs/extract_features/{run}.log",
     params:

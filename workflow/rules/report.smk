@@ -1,27 +1,29 @@
 rule build_report:
     input:
-        histories=per_run("results/dufm/{run}/history.parquet"),
-        metrics=per_run("results/metrics/{run}/metrics.parquet"),
-        comparisons=per_run("results/theory/{run}/comparison.parquet"),
-        verdicts=per_run("results/theory/{run}/verdict.parquet"),
-        net_histories=per_run("results/nets/{run}/history.parquet", NET_RUNS),
-        net_metrics=per_run("results/metrics/{run}/metrics.parquet", NET_RUNS),
-        net_comparisons=per_run("results/theory/{run}/comparison.parquet", NET_RUNS),
-        net_verdicts=per_run("results/theory/{run}/verdict.parquet", NET_RUNS),
-        analyses=per_run("results/analysis/{run}/analysis.parquet", NET_RUNS),
-        rfm_metrics=per_run("results/metrics/{run}/metrics.parquet", RFM_RUNS),
-        rfm_layers=per_run("results/rfm/{run}/layers.parquet", RFM_RUNS),
+        histories=per_run("history", RUNS, run_paths),
+        metrics=per_run("metrics", RUNS, run_paths),
+        comparisons=per_run("comparison", RUNS, run_paths),
+        verdicts=per_run("verdict", RUNS, run_paths),
+        net_histories=per_run("history", NET_RUNS, net_paths),
+        net_metrics=per_run("metrics", NET_RUNS, net_paths),
+        net_comparisons=per_run("comparison", NET_RUNS, net_paths),
+        net_verdicts=per_run("verdict", NET_RUNS, net_paths),
+        analyses=per_run("analysis", NET_RUNS, net_paths),
+        rfm_metrics=per_run("metrics", RFM_RUNS, rfm_paths),
+        rfm_layers=per_run("layers", RFM_RUNS, rfm_paths),
     output:
-        summary=report("results/report/summary.parquet", caption="../report/summary.rst",
-                       category="Report"),
-        html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
+        summary=report(REPORT.summary, caption="../report/summary.rst", category="Report"),
+        html=report(REPORT.html, caption="../report/index.rst", category="Report"),
     log:
         "logs/build_report/report.log",
     params:
-        runs=RUNS,
-        net_runs=NET_RUNS,
-        rfm_runs=RFM_RUNS,
+        # run order kept (it is the report's row order); each run's settings canonical
+        runs={r: canonical(s) for r, s in RUNS.items()},
+        net_runs={r: canonical(s) for r, s in NET_RUNS.items()},
+        rfm_runs={r: canonical(s) for r, s in RFM_RUNS.items()},
         configfiles=[str(f) for f in workflow.configfiles],
+        # the stale partial report of an earlier failed invocation, removed once this one is built
+        partial=[REPORT.partial_summary, REPORT.partial_html],
         version=DNC_VERSION,
     threads: 1
     script:

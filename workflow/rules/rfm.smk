@@ -4,14 +4,14 @@ rule deep_rfm:
     input:
         dataset=rfm_dataset,
     output:
-        metrics="results/metrics/{run}/metrics.parquet",
-        layers="results/rfm/{run}/layers.parquet",
-        features=directory("results/rfm/{run}/features"),
+        metrics=RFM.metrics,
+        layers=RFM.layers,
+        features=directory(RFM.features),
     log:
         "logs/deep_rfm/{run}.log",
     params:
         settings=rfm_settings,
-        convention=config["metrics"]["convention"],
+        convention=CONVENTION,
         device=config["device"],
         version=DNC_VERSION,
     threads: config["rfm_resources"]["threads"]

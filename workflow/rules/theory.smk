@@ -1,21 +1,21 @@
-# DUFM runs are compared with theory inside their batch job (dufm.smk).
+# DUFM runs are compared with theory by their dufm_measure job (dufm.smk).
 rule compare_network:
     wildcard_constraints:
         run=NET_RUN,
     input:
         dataset=net_dataset,
-        history="results/nets/{run}/history.parquet",
-        objective="results/nets/{run}/objective.parquet",
-        metrics="results/metrics/{run}/metrics.parquet",
-        features="results/nets/{run}/features",
+        history=NET.history,
+        objective=NET.objective,
+        metrics=NET.metrics,
+        features=NET.features,
     output:
-        comparison="results/theory/{run}/comparison.parquet",
-        verdict="results/theory/{run}/verdict.parquet",
+        comparison=NET.comparison,
+        verdict=NET.verdict,
     log:
         "logs/compare_network/{run}.log",
     params:
         settings=net_train_settings,
-        tolerances=config["theory"]["network_tolerances"],
+        tolerances=NET_TOLERANCES,
         version=DNC_VERSION,
     threads: 1
     script:
