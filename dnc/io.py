@@ -32,6 +32,7 @@ __all__ = [
     "write_parquet",
     "write_features",
     "read_layout",
+    "read_num_classes",
     "read_metadata",
     "iter_feature_chunks",
     "write_weights",
@@ -187,6 +188,21 @@ def write_features(
 def read_layout(path: str | os.PathLike) -> list[FeatureColumn]:
     """The FeatureColumn entries of a feature file, in file order (dnc.layout)."""
     return [FeatureColumn(**c) for c in read_metadata(path, "dnc:layout")]
+
+
+def read_num_classes(path: str | os.PathLike) -> int:
+    """Largest label + 1 of a feature file, from the row-group statistics when present (no data
+    read)."""
+    pf = open_parquet(path)
+    idx = pf.schema_arrow.get_field_index("label")
+    top = -1
+    for g in range(pf.num_row_groups):
+        stats = pf.metadata.row_group(g).column(idx).statistics
+        if stats is None or not stats.has_min_max:
+            top = int(pq.read_table(path, columns=["label"]).column("label").to_numpy().max())
+            break
+        top = max(top, int(stats.max))
+    return top + 1
 
 
 def _list_to_array(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -5,6 +5,7 @@ the engine's formulas."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -13,8 +14,8 @@ import dnc.metrics.pairwise as pairwise
 from dnc.io import write_features
 from dnc.layout import FeatureColumn
 from dnc.metrics import ClassMeanAccumulator, Convention, layer_metrics
-from dnc.metrics.ood import OODAccumulator, feature_file_ood_metrics, ood_metrics
-from dnc.metrics.streaming import _prefetched, feature_file_metrics
+from dnc.metrics.ood import OODAccumulator, ood_metrics
+from dnc.metrics.streaming import _prefetched, feature_file_metrics, feature_file_ood_metrics
 
 
 def reference(H, y, W=None, global_mean="classes", riesz_s=None, cdnv_exponent=2.0, num_labels=None):
@@ -293,11 +294,11 @@ def test_torch_float32_input(rng):
 
 
 def test_ood_file_metrics_measure_every_column_and_folder_files_leave_ood_out(tmp_path):
-    """The pipeline's NC5 table (dnc.metrics.ood.ood_file_metrics): one block of rows per column,
+    """The pipeline's NC5 table (dnc.metrics.streaming.ood_file_metrics): one block of rows per column,
     split "ood", the ID file's step, values computed here from the class means and OOD mean."""
     from dnc.io import write_features
     from dnc.layout import FeatureColumn, feature_file, folder_files, ood_pairs
-    from dnc.metrics.ood import ood_file_metrics
+    from dnc.metrics.streaming import ood_file_metrics
 
     rng = np.random.default_rng(3)
     cols = [FeatureColumn("l1_input", 1, "input", 4), FeatureColumn("l2_post", 2, "post", 3)]
@@ -317,3 +318,12 @@ def test_ood_file_metrics_measure_every_column_and_folder_files_leave_ood_out(tm
         cos = np.abs(means @ mu) / (np.linalg.norm(means, axis=1) * np.linalg.norm(mu))
         got = table[(table["layer"] == col.layer) & (table["metric"] == "nc5")]["value"].item()
         assert got == pytest.approx(cos.mean(), rel=1e-10)
+    # The stage: the folder's feature files measured as files_metrics does, then the NC5 rows.
+    from dnc.metrics.streaming import TIDY_COLUMNS, files_metrics, folder_metrics
+
+    whole = folder_metrics(tmp_path, "r", device="cpu")
+    plain = files_metrics([feature_file(tmp_path, 2, "train")], [], run="r", device="cpu")
+    pd.testing.assert_frame_equal(whole, pd.concat([plain, table], ignore_index=True))
+    (tmp_path / "none").mkdir()
+    empty = folder_metrics(tmp_path / "none", "r")
+    assert empty.empty and list(empty.columns) == TIDY_COLUMNS

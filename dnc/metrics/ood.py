@@ -5,12 +5,12 @@ out-of-distribution (OOD) inputs become orthogonal to the span of the in-distrib
 means; rhubarbwu/neural-collapse measures it as the mean over ID classes of |cos(mu_k, mu_OOD)|
 with mu_OOD the OOD global mean. One streaming pass over the OOD features accumulates mu_OOD in
 float64; the ID class means come from pass 1 of the ID data (ClassMeanAccumulator). Definitions:
-docs/metrics.md section 5.7.
+docs/metrics.md section 5.7. Feature files are read by dnc.metrics.streaming (feature_file_ood_metrics,
+ood_file_metrics).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from dnc.metrics.formulas import ACC, ClassMeans, Convention
 
-__all__ = ["OODAccumulator", "ood_metrics", "feature_file_ood_metrics", "ood_file_metrics"]
+__all__ = ["OODAccumulator", "ood_metrics"]
 
 
 class OODAccumulator:
@@ -87,57 +87,3 @@ def ood_metrics(means: ClassMeans, ood_chunks: Iterable, convention: Convention 
     for ch in ood_chunks:
         acc.accumulate(ch[0] if isinstance(ch, tuple) else ch)
     return acc.compute()
-
-
-def feature_file_ood_metrics(path: str | os.PathLike, ood_path: str | os.PathLike, column: str,
-                             convention: Convention = Convention(), batch_rows: int | None = None,
-                             device: str = "auto") -> dict[str, float]:
-    """NC5 of one representation column: the ID class means from the feature file at path (one
-    streaming pass over it), the OOD global mean from the same column of the OOD feature file at
-    ood_path (one pass; its labels are ignored). Returns ood_metrics' mapping."""
-    from dnc.device import resolve_device
-    from dnc.metrics.accumulators import ClassMeanAccumulator
-    from dnc.metrics.streaming import _num_classes, torch_chunks
-
-    dev = resolve_device(device)
-    acc = None
-    for H, y, _ in torch_chunks(path, column, batch_rows, dev):
-        if acc is None:
-            acc = ClassMeanAccumulator(_num_classes(path), H.shape[1], device=dev, name=f"{path}:{column}")
-        acc.accumulate(H, y)
-    if acc is None:
-        raise ValueError(f"{path}: no rows in column {column!r}")
-    return ood_metrics(acc.compute(), torch_chunks(ood_path, column, batch_rows, dev), convention,
-                       name=f"{ood_path}:{column}")
-
-
-def ood_file_metrics(path: str | os.PathLike, ood_path: str | os.PathLike, run: str,
-                     convention: Convention = Convention(), batch_rows: int | None = None,
-                     device: str = "auto"):
-    """NC5 of every representation column of an ID feature file against the same column of an OOD
-    feature file, as tidy rows (dnc.metrics.streaming.TIDY_COLUMNS) with split "ood" and the step
-    of the ID file.
-
-    Raises:
-        ValueError: the two files do not hold the same columns (naming both files).
-    """
-    import pandas as pd
-
-    from dnc.io import read_layout, read_metadata
-    from dnc.metrics.streaming import TIDY_COLUMNS
-
-    layout, ood_layout = read_layout(path), read_layout(ood_path)
-    if [(c.column, c.dim) for c in layout] != [(c.column, c.dim) for c in ood_layout]:
-        raise ValueError(f"{ood_path}: its feature columns {[(c.column, c.dim) for c in ood_layout]} "
-                         f"differ from those of {path} {[(c.column, c.dim) for c in layout]}")
-    rows = []
-    for col in layout:
-        values = feature_file_ood_metrics(path, ood_path, col.column, convention, batch_rows, device)
-        rows += [{"layer": col.layer, "representation": col.representation, "metric": k, "value": float(v)}
-                 for k, v in values.items()]
-    table = pd.DataFrame(rows)
-    table.insert(0, "run", run)
-    table["split"] = "ood"
-    table["step"] = int(read_metadata(path, "dnc:step"))
-    table["convention"] = convention.describe()
-    return table[TIDY_COLUMNS]

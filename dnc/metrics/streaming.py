@@ -1,8 +1,8 @@
 """Collapse metrics of a Parquet feature file, two streaming passes per representation.
 
 Memory is bounded by one chunk of batch_rows x d plus O(K d) state (O(d^2) with spectra), not by N.
-The formulas live in formulas.py and the state in accumulators.py; this module only feeds them
-chunks and shapes the tidy table (docs/schemas.md).
+The formulas live in formulas.py and the state in accumulators.py and ood.py; this module only
+feeds them chunks read from files and shapes the tidy table (docs/schemas.md).
 """
 
 from __future__ import annotations
@@ -16,18 +16,26 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from dnc.device import resolve_device
-from dnc.io import iter_feature_chunks, open_parquet, read_layout, read_metadata, read_weights
-from dnc.metrics.accumulators import metrics_from_chunks
+from dnc.io import (
+    iter_feature_chunks,
+    open_parquet,
+    read_layout,
+    read_metadata,
+    read_num_classes,
+    read_weights,
+)
+from dnc.layout import folder_files, ood_pairs
+from dnc.metrics.accumulators import ClassMeanAccumulator, metrics_from_chunks
 from dnc.metrics.formulas import Convention
+from dnc.metrics.ood import ood_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["feature_file_metrics", "files_metrics", "empty_metrics", "torch_chunks", "TIDY_COLUMNS",
-           "METRICS_COLUMNS"]
+__all__ = ["feature_file_metrics", "files_metrics", "folder_metrics", "feature_file_ood_metrics",
+           "ood_file_metrics", "empty_metrics", "torch_chunks", "TIDY_COLUMNS", "METRICS_COLUMNS"]
 
 TIDY_COLUMNS = ["run", "layer", "representation", "split", "step", "metric", "value", "convention"]
 # Kinds of the tidy columns, for dnc.io.read_frame checks of a metrics file.
@@ -71,7 +79,7 @@ def feature_file_metrics(
     weights = weights or {}
     step = int(_meta(path, "dnc:step", -1))
     split = split or str(_meta(path, "dnc:split", "train"))
-    num_classes = _num_classes(path)
+    num_classes = read_num_classes(path)
     last = max(weights, default=None)  # W_L, the classifier, maps its input to the logits
     frames = []
     for col in read_layout(path):
@@ -204,22 +212,67 @@ def files_metrics(features: list[str | os.PathLike], weights: list[str | os.Path
     return pd.concat(tables, ignore_index=True)
 
 
-def _num_classes(path: str | os.PathLike) -> int:
-    """Largest label + 1, from the row-group statistics when present (no data read)."""
-    pf = open_parquet(path)
-    idx = pf.schema_arrow.get_field_index("label")
-    top = -1
-    for g in range(pf.num_row_groups):
-        stats = pf.metadata.row_group(g).column(idx).statistics
-        if stats is None or not stats.has_min_max:
-            top = int(pq.read_table(path, columns=["label"]).column("label").to_numpy().max())
-            break
-        top = max(top, int(stats.max))
-    return top + 1
-
-
 def empty_metrics() -> pd.DataFrame:
     """A tidy metrics table with no rows: the columns (TIDY_COLUMNS) and dtypes of a real one, for
     runs with nothing to measure (a diverged run)."""
     kinds = {"string": "string", "int": "int64", "float": "float64"}
     return pd.DataFrame({c: pd.Series(dtype=kinds[METRICS_COLUMNS.get(c, "string")]) for c in TIDY_COLUMNS})
+
+
+def feature_file_ood_metrics(path: str | os.PathLike, ood_path: str | os.PathLike, column: str,
+                             convention: Convention = Convention(), batch_rows: int | None = None,
+                             device: str = "auto") -> dict[str, float]:
+    """NC5 of one representation column: the ID class means from the feature file at path (one
+    streaming pass over it), the OOD global mean from the same column of the OOD feature file at
+    ood_path (one pass; its labels are ignored). Returns dnc.metrics.ood.ood_metrics' mapping."""
+    dev = resolve_device(device)
+    acc = None
+    for H, y, _ in torch_chunks(path, column, batch_rows, dev):
+        if acc is None:
+            acc = ClassMeanAccumulator(read_num_classes(path), H.shape[1], device=dev,
+                                       name=f"{path}:{column}")
+        acc.accumulate(H, y)
+    if acc is None:
+        raise ValueError(f"{path}: no rows in column {column!r}")
+    return ood_metrics(acc.compute(), torch_chunks(ood_path, column, batch_rows, dev), convention,
+                       name=f"{ood_path}:{column}")
+
+
+def ood_file_metrics(path: str | os.PathLike, ood_path: str | os.PathLike, run: str,
+                     convention: Convention = Convention(), batch_rows: int | None = None,
+                     device: str = "auto") -> pd.DataFrame:
+    """NC5 of every representation column of an ID feature file against the same column of an OOD
+    feature file, as tidy rows (TIDY_COLUMNS) with split "ood" and the step of the ID file.
+
+    Raises:
+        ValueError: the two files do not hold the same columns (naming both files).
+    """
+    layout, ood_layout = read_layout(path), read_layout(ood_path)
+    if [(c.column, c.dim) for c in layout] != [(c.column, c.dim) for c in ood_layout]:
+        raise ValueError(f"{ood_path}: its feature columns {[(c.column, c.dim) for c in ood_layout]} "
+                         f"differ from those of {path} {[(c.column, c.dim) for c in layout]}")
+    rows = []
+    for col in layout:
+        values = feature_file_ood_metrics(path, ood_path, col.column, convention, batch_rows, device)
+        rows += [{"layer": col.layer, "representation": col.representation, "metric": k, "value": float(v)}
+                 for k, v in values.items()]
+    table = pd.DataFrame(rows)
+    table.insert(0, "run", run)
+    table["split"] = "ood"
+    table["step"] = int(read_metadata(path, "dnc:step"))
+    table["convention"] = convention.describe()
+    return table[TIDY_COLUMNS]
+
+
+def folder_metrics(folder: str | os.PathLike, run: str, convention: Convention = Convention(),
+                   batch_rows: int | None = None, device: str = "auto") -> pd.DataFrame:
+    """The compute_metrics stage: files_metrics of a network's feature folder (dnc.layout), each
+    feature file with the weights file of its step, then NC5 (split "ood") of every epoch with an
+    OOD feature file. No feature file (a run that diverged before its first feature epoch): no
+    rows, the columns of a real table."""
+    features, weights = folder_files(folder)
+    table = (files_metrics(features, weights, run=run, convention=convention, batch_rows=batch_rows,
+                           device=device) if features else empty_metrics())
+    nc5 = [ood_file_metrics(train, ood, run, convention, batch_rows, device)
+           for train, ood in ood_pairs(folder)]
+    return pd.concat([table, *nc5], ignore_index=True)
