@@ -25,7 +25,10 @@ import numpy as np
 import pandas as pd
 
 from dnc.dufm.compare import COMPARISON_COLUMNS as DUFM_COMPARISON_COLUMNS
-from dnc.dufm.compare import Tolerances, compare_run, diverged_run, empty_comparison, rank_columns
+from dnc.dufm.compare import compare_run, diverged_run, empty_comparison
+from dnc.dufm.rank import rank_columns
+from dnc.dufm.verdict import Tolerances, network_columns, theory_columns, verdict_row
+from dnc.theory import lambda_vector
 
 __all__ = ["NETWORK_TOLERANCES", "COMPARISON_COLUMNS", "GEOMETRY_QUANTITIES", "head_settings",
            "diverged_network",
@@ -82,19 +85,16 @@ def compare_network(run: str, settings: Mapping, objective: pd.DataFrame, metric
                                       weights, tol, converged=True, always_structure=True)
     v = verdict.iloc[0]
     recovered = bool(v["verdict"] in ("global_optimum", "dnc")) and int(v["structure_failed"]) == 0
-    verdict["recovered_dufm_optimum"] = recovered
     geometry = comparison[comparison["quantity"].isin(GEOMETRY_QUANTITIES) & comparison["pass"].notna()]
     failed = geometry[~geometry["pass"].astype(bool)]
-    verdict["dnc_geometry"] = bool(len(geometry)) and failed.empty
-    verdict["geometry_failed"] = int(len(failed))
     # A trained network is not a stationary point of the DUFM: say what was measured.
     verdict["verdict_text"] = (
         f"{'recovered' if recovered else 'did not recover'} DUFM-optimal features: objective "
         f"{v['rel_gap']:+.1%} vs L_DNC, {_geometry_text(geometry, failed)}, "
         f"{v['structure_failed']} of {v['structure_checks']} layer checks fail"
         + _triangle_text(v, int(settings["K"])))
-    verdict["epoch"] = last
-    verdict["n"] = float(settings["n"])
+    verdict = verdict.assign(**network_columns(recovered, bool(len(geometry)) and failed.empty,
+                                               int(len(failed)), last, float(settings["n"])))
     return comparison, verdict
 
 
@@ -125,9 +125,8 @@ def _triangle_text(v: pd.Series, K: int) -> str:
 
 
 def _no_penalty(settings: Mapping) -> bool:
-    lam = settings["lambda_W"]
-    lams = [lam] if isinstance(lam, int | float) else list(lam)
-    return float(settings["lambda_H1"]) == 0 or min(float(v) for v in lams) == 0
+    lams = lambda_vector(settings["lambda_W"], int(settings["L"]), allow_zero=True)
+    return float(settings["lambda_H1"]) == 0 or min(lams) == 0
 
 
 def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
@@ -135,19 +134,13 @@ def _no_theory(run: str, settings: Mapping, history: pd.DataFrame,
     """Empty comparison and the one-row "no_theory" verdict, with the columns of the normal verdict:
     measured values where they exist (final_loss, steps, min_hidden_rank), NaN for the theory's."""
     final = history.iloc[-1]
-    verdict = pd.DataFrame([{
-        "run": run, "verdict": "no_theory",
-        "verdict_text": (f"no DUFM theory to compare with: lambda_H1 = {float(settings['lambda_H1']):g}, "
-                         f"lambda_W = {settings['lambda_W']} (a zero penalty has no closed-form optimum)"),
-        "converged": True, "steps": int(final["step"]), "final_loss": float(final["loss"]),
-        "final_grad_norm": math.nan, "L_DNC": math.nan, "rel_gap": math.nan, "c_star": math.nan,
-        "P": math.nan, "threshold": math.nan, "regime": "no theory", "local_min_loss": math.nan,
-        "L_tri": math.nan,
-        **rank_columns(int(settings["K"]), int(settings["L"]), float(final["loss"]), math.nan, None, at_last),
-        "structure_checks": 0, "structure_failed": 0, "recovered_dufm_optimum": False,
-        "dnc_geometry": False, "geometry_failed": 0,
-        "epoch": int(final["step"]), "n": float(settings["n"]),
-    }])
+    K, L, loss, epoch = int(settings["K"]), int(settings["L"]), float(final["loss"]), int(final["step"])
+    text = (f"no DUFM theory to compare with: lambda_H1 = {float(settings['lambda_H1']):g}, "
+            f"lambda_W = {settings['lambda_W']} (a zero penalty has no closed-form optimum)")
+    verdict = verdict_row(run, "no_theory", text, converged=True, steps=epoch, final_loss=loss,
+                          final_grad_norm=math.nan, rel_gap=math.nan, theory=theory_columns(None, None),
+                          ranks=rank_columns(K, L, loss, math.nan, None, at_last),
+                          network=network_columns(False, False, 0, epoch, float(settings["n"])))
     return empty_comparison(), verdict
 
 
@@ -162,6 +155,6 @@ def diverged_network(run: str, settings: Mapping, history: pd.DataFrame) -> tupl
                           "grad_norm": history["train_loss"]})
     comparison, verdict = diverged_run(run, settings, steps)
     verdict["verdict_text"] = verdict["verdict_text"].str.replace(" at step ", " at epoch ", regex=False)
-    verdict = verdict.assign(recovered_dufm_optimum=False, dnc_geometry=False, geometry_failed=0,
-                             epoch=int(history["epoch"].iloc[-1]), n=float(settings["n"]))
+    verdict = verdict.assign(**network_columns(False, False, 0, int(history["epoch"].iloc[-1]),
+                                               float(settings["n"])))
     return comparison, verdict
