@@ -15,7 +15,8 @@ from dnc.dufm.compare import compare_run
 from dnc.dufm.model import DUFMState, feature_columns
 from dnc.io import write_features
 from dnc.metrics.streaming import feature_file_metrics
-from dnc.report.dufm import MAX_ROWS, render_dufm_section, run_groups
+from dnc.report.dufm import render_dufm_section
+from dnc.report.helpers import MAX_ROWS, run_groups
 from dnc.report.lowrank import render_lowrank_section
 from dnc.report.summary import config_frame
 from dnc.settings import DUFMConfig

@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dnc.layout import ANALYSIS_REPRESENTATIONS
+from dnc.report.claims import claim_code
 from dnc.report.page import FLOOR, esc, img, plt, png, table
 
 __all__ = ["render_analysis_section", "analysis_claims", "last_epoch_table", "MAX_RUNS"]
 
 MAX_RUNS = 8  # runs drawn in the figure; the tables list every run
 SOURCE = "Beaglehole et al. 2024"
-REPS = ("input", "svd", "layer", "agop")
 REP_LABEL = {"input": "Φ", "svd": "S Vᵀ Φ", "layer": "ReLU(W Φ)", "agop": "Φ AGOP^1/2"}
 NC1 = "nc1_trace"
 
@@ -37,7 +38,7 @@ def last_epoch_table(analysis: pd.DataFrame, run: str) -> pd.DataFrame:
     a = a[a["step"] == a["step"].max()]
     nc1 = a[a["metric"] == NC1].pivot(index="layer", columns="representation", values="value")
     out = pd.DataFrame({"layer": nc1.index.astype(int)})
-    for rep in REPS:
+    for rep in ANALYSIS_REPRESENTATIONS:
         out[f"nc1_{rep}"] = nc1[rep].to_numpy() if rep in nc1 else np.nan
     scalars = a[a["representation"] == "weights"].pivot(index="layer", columns="metric", values="value")
     for key in ("svd_share", "nfa_sqrt"):
@@ -53,7 +54,7 @@ def _figure(analysis: pd.DataFrame, runs: list[str]) -> str:
         last = int(a["step"].max())
         t = last_epoch_table(analysis, rid)
         x, w = np.arange(len(t)), 0.2
-        for i, rep in enumerate(REPS):
+        for i, rep in enumerate(ANALYSIS_REPRESENTATIONS):
             ax_a.bar(x + (i - 1.5) * w, np.maximum(t[f"nc1_{rep}"].to_numpy(float), FLOOR), w,
                      label=REP_LABEL[rep])
         ax_a.set_yscale("log")
@@ -108,12 +109,6 @@ def render_analysis_section(analysis: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def _code(holding: int, partial: int, total: int) -> str:
-    if total == 0:
-        return "not_tested"
-    return "holds" if holding == total else ("partly" if holding + partial > 0 else "does_not_hold")
-
-
 def _svd_claim(analysis: pd.DataFrame, runs: list[str]) -> dict:
     holding = partial = 0
     evidence = []
@@ -129,7 +124,8 @@ def _svd_claim(analysis: pd.DataFrame, runs: list[str]) -> dict:
                         f"{int(_train(analysis, rid)['step'].max())}")
     return {"claim": "In trained networks most of a layer's NC1 reduction comes from the right singular "
                      "structure S Vᵀ, not the ReLU",
-            "source": SOURCE, "runs": runs, "code": _code(holding, partial, len(runs)),
+            "source": SOURCE, "runs": runs,
+            "code": claim_code(holding, len(runs), some=holding + partial),
             "evidence": "; ".join(evidence) if runs else "no network analysed"}
 
 
@@ -151,7 +147,8 @@ def _nfa_claim(analysis: pd.DataFrame, runs: list[str]) -> dict:
                         f"{last:.3f} at epoch {int(nfa.index[-1])}")
     return {"claim": "The neural feature ansatz holds and strengthens during training: WᵀW correlates "
                      "with AGOP^{1/2}",
-            "source": SOURCE, "runs": tested, "code": _code(holding, partial, len(tested)),
+            "source": SOURCE, "runs": tested,
+            "code": claim_code(holding, len(tested), some=holding + partial),
             "evidence": "; ".join(evidence) if evidence else "no network analysed"}
 
 

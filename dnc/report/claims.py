@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["claims_table", "claim_row", "CLAIM_TEXT"]
+from dnc.theory.dnc import REGIME_NONZERO, REGIME_ZERO
 
+__all__ = ["claims_table", "claim_row", "claim_code", "CLAIM_TEXT"]
+
+# Claim code -> the verdict shown on the page.
 CLAIM_TEXT = {
     "holds": "holds",
     "does_not_hold": "does not hold",
@@ -26,10 +29,18 @@ def claim_row(claim: str, source: str, runs: list[str], code: str, evidence: str
             "verdict": CLAIM_TEXT[code], "code": code, "evidence": evidence}
 
 
-def _fraction(ok: int, total: int) -> str:
+def claim_code(ok: int, total: int, some: int | None = None) -> str:
+    """The claim code (a key of CLAIM_TEXT) of a claim tested by total runs (or scans), ok of which
+    show it: not_tested without any, holds when all do, partly when some do, does_not_hold else.
+
+    some: how many show it at least in part, when that differs from ok (a run can show part of a
+    claim, e.g. one of its two properties): partly then needs some > 0 rather than ok > 0.
+    """
     if total == 0:
         return "not_tested"
-    return "holds" if ok == total else ("does_not_hold" if ok == 0 else "partly")
+    if ok == total:
+        return "holds"
+    return "partly" if (ok if some is None else some) > 0 else "does_not_hold"
 
 
 def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.DataFrame,
@@ -39,22 +50,22 @@ def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.Da
     dufm = (config.merge(verdicts, on="run") if not config.empty
             else pd.DataFrame(columns=["run", "K", "L", "regime", "verdict", "rel_gap", "width"]))
 
-    k2 = dufm[(dufm["K"] == 2) & (dufm["regime"] == "nonzero optimum")]
+    k2 = dufm[(dufm["K"] == 2) & (dufm["regime"] == REGIME_NONZERO)]
     ok = k2[k2["verdict"] == "global_optimum"]
     depths = ", ".join(str(int(x)) for x in sorted(k2["L"].unique()))
     worst = float(k2["rel_gap"].abs().max()) if len(k2) else float("nan")
     rows.append(claim_row(
         "K = 2: gradient descent reaches the closed-form DNC optimum at every depth",
-        "Súkeník et al. 2023, Thm 3", list(k2["run"]), _fraction(len(ok), len(k2)),
+        "Súkeník et al. 2023, Thm 3", list(k2["run"]), claim_code(len(ok), len(k2)),
         f"{len(ok)} of {len(k2)} runs agree with L_DNC (depths {depths or '-'}; largest |relative gap| "
         f"{worst:.1e})" if len(k2) else "no K = 2 run below the threshold"))
 
-    above = dufm[(dufm["K"] == 2) & (dufm["regime"] != "nonzero optimum")]
+    above = dufm[(dufm["K"] == 2) & (dufm["regime"] != REGIME_NONZERO)]
     at_zero = above[above["verdict"] == "global_optimum"]
     at_local = above[above["verdict"] == "dnc_local_minimum"]
     explained = len(at_zero) + len(at_local)
-    code = _fraction(explained, len(above))
-    if code == "holds" and len(at_local) == 0 and (above["regime"] != "zero optimum").any():
+    code = claim_code(explained, len(above))
+    if code == "holds" and len(at_local) == 0 and (above["regime"] != REGIME_ZERO).any():
         code = "partly"  # zero reached, but no run showed the local minimum the theory predicts
     rows.append(claim_row(
         "Above the threshold zero is optimal, and a DNC-shaped local minimum exists there",
@@ -72,14 +83,14 @@ def claims_table(config: pd.DataFrame, verdicts: pd.DataFrame, net_config: pd.Da
     gaps = ", ".join(f"{g:+.1%}" for g in nets["rel_gap"]) if len(nets) else ""
     rows.append(claim_row(
         "Trained networks recover DUFM-optimal features in their head", "Súkeník et al. 2023, Sec. 5",
-        list(nets["run"]), _fraction(len(rec), len(nets)),
+        list(nets["run"]), claim_code(len(rec), len(nets)),
         f"{len(rec)} of {len(nets)} heads within the network tolerances (objective vs L_DNC: {gaps})"
         if len(nets) else "no network run with a DUFM head and weight decay"))
     return pd.DataFrame(rows)
 
 
 def _lowrank_claims(multi: pd.DataFrame) -> list[dict]:
-    """Claims of Súkeník et al. 2024 from the rank verdicts (dnc.dufm.compare.rank_verdict) of the
+    """Claims of Súkeník et al. 2024 from the rank verdicts (dnc.dufm.rank.rank_verdict) of the
     runs with K >= 3 and L >= 3: low rank wins at small width; within an experiment that scans width,
     the share of runs at DNC rises with width; within one that scans weight decay, the class-mean
     rank (smallest pre-activation rank over the hidden layers) falls as it grows."""
@@ -114,7 +125,7 @@ def _lowrank_claims(multi: pd.DataFrame) -> list[dict]:
         # A saturated scan (e.g. every wide run at DNC) agrees with the trend without showing it:
         # each scan must not go the wrong way, and at least one must show the change.
         change = [(y.iloc[-1] - y.iloc[0]) * (1 if rising else -1) for _, _, y in trends]
-        code = _fraction(sum(c >= 0 for c in change), len(change))
+        code = claim_code(sum(c >= 0 for c in change), len(change))
         if code == "holds" and not any(c > 0 for c in change):
             code = "does_not_hold"
         evidence = "; ".join(f"{exp}: {value} " + ", ".join(f"{x:g}: {v:.2g}" for x, v in y.items())

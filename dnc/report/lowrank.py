@@ -6,7 +6,7 @@ Figures, each drawn only when the config has runs for it: (a) per experiment, lo
 loss / L_tri over training (mean +- std over the seeds of each grid point), NC1 and the class-mean
 ranks at convergence per layer, singular values at convergence; (b) L_tri / L_DNC against r from
 the closed forms alone; (c) mean class-mean rank at convergence against weight decay; (d) share of
-seeds that reach DNC (rank_verdict "dnc", dnc.dufm.compare.rank_verdict) against width.
+seeds that reach DNC (rank_verdict "dnc", dnc.dufm.rank.rank_verdict) against width.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ import math
 import numpy as np
 import pandas as pd
 
-from dnc.report.dufm import MAX_GROUPS, MAX_ROWS, band, pick, run_groups, sv_frame
+from dnc.dufm.verdict import DIVERGED, RANK_VERDICTS
+from dnc.report.helpers import MAX_GROUPS, MAX_ROWS, band, pick, run_groups, sv_frame
 from dnc.report.page import FLOOR, esc, img, plt, png, position, table
 from dnc.theory import dnc_optimum, triangle_loss
+from dnc.theory.triangle import FOLLOWUP_REFERENCE
 
 __all__ = ["render_lowrank_section", "training_figure", "ratio_figure", "lambda_figure", "width_figure"]
 
-RANK_CODES = ("dnc", "low-rank", "other")
+# Diverged runs are listed on their own, never in this section.
+RANK_CODES = tuple(c for c in RANK_VERDICTS if c != DIVERGED)
 
 
 def _pivot(frame: pd.DataFrame, index: str, values: str) -> pd.DataFrame:
@@ -228,7 +231,10 @@ def render_lowrank_section(config: pd.DataFrame, histories: pd.DataFrame, metric
         return ""
     t = _run_table(low, metrics, verdicts)
     uniform = low[low["lambda_W"] == low["lambda_H1"]]
-    lam, n = _common(uniform["lambda_W"], 0.004), _common(low["n"], 5.0)
+    # Figure (b) is drawn from the closed forms at the runs' most common lambda and n; without a run of
+    # one common lambda, at the follow-up paper's reference setting.
+    lam = _common(uniform["lambda_W"], FOLLOWUP_REFERENCE.lam)
+    n = _common(low["n"], float(FOLLOWUP_REFERENCE.n))
     summary = _counts(t, "experiment")
     parts = ["<h2>Low-rank bias: DNC against lower-rank solutions (K &ge; 3, L &ge; 3)</h2>",
              "<p class='note'>Rank verdict of each run (dnc.dufm.compare.rank_verdict): <b>dnc</b> = loss at "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dnc.report.dufm import COMPARISON_COLS
+from dnc.report.claims import claim_code
+from dnc.report.helpers import COMPARISON_COLS
 from dnc.report.page import FLOOR, esc, img, plt, png, position, table
 
 __all__ = ["render_network_section", "net_summary", "nc5_claims", "nc5_trend"]
@@ -108,8 +109,7 @@ def nc5_claims(metrics: pd.DataFrame) -> list[dict]:
     runs = list(dict.fromkeys(metrics.loc[metrics["split"] == "ood", "run"])) if "split" in metrics else []
     trends = {r: nc5_trend(metrics, r) for r in runs}
     falls = [r for r, (a, b) in trends.items() if b < a]
-    code = ("not_tested" if not runs else "holds" if len(falls) == len(runs)
-            else "does_not_hold" if not falls else "partly")
+    code = claim_code(len(falls), len(runs))
     evidence = ("; ".join(f"{r}: NC5 {a:.3g} -> {b:.3g}" for r, (a, b) in trends.items())
                 or "no network run with an ood_dataset")
     return [{"claim": "NC5: out-of-distribution features move towards orthogonality to the class means "

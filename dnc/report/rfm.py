@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dnc.layout import RFM_REPRESENTATIONS
+from dnc.report.claims import claim_code
 from dnc.report.page import FLOOR, esc, img, plt, png, table
 
 __all__ = ["render_rfm_section", "rfm_factors", "rfm_claims"]
@@ -30,7 +32,8 @@ def depth_figure(config: pd.DataFrame, metrics: pd.DataFrame) -> str:
     for row, ds in zip(axes, datasets):
         for ax, metric in zip(row, (NC1, NC2)):
             for _, r in config[config["dataset"] == ds].iterrows():
-                for rep, (color, label) in STYLE.items():
+                for rep in RFM_REPRESENTATIONS:
+                    color, label = STYLE[rep]
                     s = _series(metrics, r["run"], rep, metric)
                     ax.semilogy(s.index, np.maximum(s.to_numpy(float), FLOOR), color=color, marker="o",
                                 ms=2.5, ls="-" if r["agop"] else "--", lw=1,
@@ -48,7 +51,7 @@ def rfm_factors(config: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     NC1(X_{l+1})/NC1(X_l) (train split, textbook NC1)."""
     rows = []
     for _, r in config.iterrows():
-        x, p, m = (_series(metrics, r["run"], rep, NC1) for rep in ("input", "projected", "mapped"))
+        x, p, m = (_series(metrics, r["run"], rep, NC1) for rep in RFM_REPRESENTATIONS)
         for layer in x.index:
             rows.append({"run": r["run"], "dataset": r["dataset"], "agop": bool(r["agop"]),
                          "layer": int(layer),
@@ -74,14 +77,14 @@ def rfm_claims(config: pd.DataFrame, metrics: pd.DataFrame) -> list[dict]:
     ratio = {r: g["nc1_input"].iloc[-1] / g["nc1_input"].iloc[0] for r, g in with_agop.groupby("run")}
     depth = {r: int(g["layer"].max()) for r, g in with_agop.groupby("run")}
     out.append({"claim": "Deep RFM collapses the data: NC1 falls layer after layer", "source": SOURCE,
-                "runs": runs, "code": _code(len(falls), len(runs)),
+                "runs": runs, "code": claim_code(len(falls), len(runs)),
                 "evidence": "; ".join(f"{r}: NC1 ×{ratio[r]:.2g} over {depth[r]} layers" for r in runs)
                 or "no Deep RFM run with the AGOP"})
     step, mapped = _geomean(with_agop["agop_step"]), _geomean(with_agop["random_map"])
     ok = [r for r in runs if (with_agop[with_agop["run"] == r]["agop_step"] < 1).all()
           and _geomean(with_agop[with_agop["run"] == r]["random_map"]) >= 1]
     out.append({"claim": "The AGOP projection does the collapse; the random feature map does not",
-                "source": SOURCE, "runs": runs, "code": _code(len(ok), len(runs)),
+                "source": SOURCE, "runs": runs, "code": claim_code(len(ok), len(runs)),
                 "evidence": f"per-layer NC1 factor (geometric mean): AGOP step {step:.3g}, random map "
                             f"{mapped:.3g}" if runs else "no Deep RFM run with the AGOP"})
     abl = sorted(without["run"].unique())
@@ -90,14 +93,9 @@ def rfm_claims(config: pd.DataFrame, metrics: pd.DataFrame) -> list[dict]:
     ev = "; ".join(f"{r}: NC1 {g['nc1_input'].iloc[0]:.3g} → {g['nc1_input'].iloc[-1]:.3g}"
                    for r, g in without.groupby("run"))
     out.append({"claim": "Without the AGOP (M = I) Deep RFM does not collapse", "source": SOURCE,
-                "runs": abl, "code": _code(len(grows), len(abl)), "evidence": ev or "no M = I ablation run"})
+                "runs": abl, "code": claim_code(len(grows), len(abl)),
+                "evidence": ev or "no M = I ablation run"})
     return out
-
-
-def _code(ok: int, total: int) -> str:
-    if total == 0:
-        return "not_tested"
-    return "holds" if ok == total else ("does_not_hold" if ok == 0 else "partly")
 
 
 def render_rfm_section(config: pd.DataFrame, metrics: pd.DataFrame, layers: pd.DataFrame) -> str:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from dnc.theory import lambda_vector
+
 __all__ = ["config_frame", "net_config_frame", "summary_table"]
 
 
@@ -19,8 +21,7 @@ def config_frame(runs: Mapping[str, Mapping]) -> pd.DataFrame:
     """
     rows = []
     for rid, s in runs.items():
-        lw = s["lambda_W"]
-        lws = lw if isinstance(lw, list) else [lw] * int(s["L"])
+        lws = lambda_vector(s["lambda_W"], int(s["L"]), allow_zero=True)
         row = {"run": rid, **{k: v for k, v in s.items() if k not in ("lambda_W", "grid")}}
         row["lambda_W"] = float(lws[0]) if len(set(lws)) == 1 else math.nan
         row["lambda_W_per_layer"] = ",".join(f"{v:g}" for v in lws)
