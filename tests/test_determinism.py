@@ -1,10 +1,9 @@
 """Same config and seed, run twice on the CPU: identical metric tables (bit for bit)."""
 
 import pandas as pd
+from conftest import measured_features
 
 from dnc.dufm.batch import run_batch, run_paths
-from dnc.io import write_features
-from dnc.metrics.streaming import files_metrics
 from dnc.nets.extract import network_features
 from dnc.nets.train import restore_net, train_network
 from dnc.rfm.stage import rfm_metrics, run_rfm
@@ -31,8 +30,8 @@ def _net_metrics(root, data):
     train_network(cfg, data, root, 3, progress=False)
     net, _ = restore_net(root / "epoch3.pt")
     cols, pred = network_features(net, data["train"][0])
-    write_features(root / "f.parquet", data["train"][1].numpy(), cols, pred, {"dnc:step": 3})
-    return files_metrics([root / "f.parquet"], [], run="n", device="cpu")
+    return measured_features(root / "f.parquet", data["train"][1].numpy(), cols, pred, {"dnc:step": 3},
+                             run="n")
 
 
 def test_network_training_is_deterministic(tmp_path):

@@ -180,7 +180,7 @@ def test_old_checkpoints_without_head_init_restore_with_the_defaults(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lam_H1,lam_W", [(0.0, 5e-3), (5e-3, 0.0), (5e-3, [5e-3, 0.0, 5e-3])])
+@pytest.mark.parametrize("lam_H1,lam_W", [(0.0, 5e-3), (5e-3, 0.0), (5e-3, [5e-3, 0.0])])  # L = 2
 def test_a_zero_penalty_has_no_dufm_theory(tmp_path, lam_H1, lam_W):
     from conftest import dnc_head_tables
 
@@ -203,24 +203,9 @@ def test_a_zero_penalty_has_no_dufm_theory(tmp_path, lam_H1, lam_W):
     assert pd.concat([normal_v, verdict])["verdict"].tolist() == [normal_v["verdict"].iloc[0], "no_theory"]
 
 
-def _state_tables(tmp_path, state, K, lam):
-    """(objective, metrics, weights) of a head given as an explicit DUFM point, measured by the
-    library as the pipeline measures a trained head (last epoch 7, train split)."""
-    from dnc.dufm.model import feature_columns
-    from dnc.io import write_features
-    from dnc.metrics.streaming import feature_file_metrics
-
-    cols, y, pred = feature_columns(state)
-    write_features(tmp_path / "s.parquet", y, cols, pred, metadata={"dnc:step": 7, "dnc:split": "train"})
-    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
-    metrics = feature_file_metrics(tmp_path / "s.parquet", "r", weights=weights, device="cpu")
-    terms = head_objective(state.H1.T, y, state.W, K, lam, lam)
-    return pd.DataFrame([{"epoch": 7, **terms}]), metrics, weights
-
-
 @pytest.mark.parametrize("scale,recovered", [(1.0, True), (1.1, True), (1.15, False)])
 def test_a_binary_head_is_recovered_only_within_one_percent_of_L_DNC(tmp_path, scale, recovered):
-    from conftest import dnc_construction
+    from conftest import dnc_construction, state_head_tables
 
     from dnc.nets.compare import compare_network, head_settings
     from dnc.theory import dnc_optimum
@@ -232,7 +217,7 @@ def test_a_binary_head_is_recovered_only_within_one_percent_of_L_DNC(tmp_path, s
     # of K tau each (halved in the objective); the geometry is untouched.
     state.H1, state.W[0] = scale * state.H1, state.W[0] / scale
     expected = opt.loss + opt.penalty / 2 * (scale**2 + scale**-2 - 2)
-    tables = _state_tables(tmp_path, state, K, lam)
+    tables = state_head_tables(tmp_path / "s.parquet", state, K, lam)
     settings = head_settings(K, K * n, L - 1, lam, lam)
     # Penalties and norms off by up to 32 % pass structure_rtol = 1: only the loss target decides.
     _, verdict = compare_network("net", settings, *tables, tolerances={"structure_rtol": 1.0})
@@ -275,7 +260,7 @@ def test_a_head_layer_off_the_dnc_geometry_is_named(tmp_path):
 
 
 def test_a_ten_class_head_is_compared_with_L_tri_and_its_ranks(tmp_path):
-    from conftest import dnc_construction
+    from conftest import dnc_construction, state_head_tables
 
     from dnc.dufm.model import DUFMState
     from dnc.nets.compare import compare_network, head_settings
@@ -287,7 +272,7 @@ def test_a_ten_class_head_is_compared_with_L_tri_and_its_ranks(tmp_path):
     settings = head_settings(K, K * n, L - 1, lam, lam)
     opt = dnc_optimum(K, L, n, lam, lam)
     dnc = dnc_construction(K, L, n, 12, list(opt.mean_norms))
-    _, verdict = compare_network("net", settings, *_state_tables(tmp_path, dnc, K, lam))
+    _, verdict = compare_network("net", settings, *state_head_tables(tmp_path / "s.parquet", dnc, K, lam))
     v = verdict.iloc[0]
     assert v["recovered_dufm_optimum"] and v["dnc_geometry"]
     assert v["loss_over_L_tri"] == pytest.approx(0.13640 / 0.111652, rel=1e-4)
@@ -297,7 +282,7 @@ def test_a_ten_class_head_is_compared_with_L_tri_and_its_ranks(tmp_path):
 
     tri = triangle_optimum(r, L, n, lam, lam)
     state = DUFMState(H1=torch.tensor(tri.H1), W=[torch.tensor(W) for W in tri.W])
-    objective, metrics, weights = _state_tables(tmp_path, state, K, lam)
+    objective, metrics, weights = state_head_tables(tmp_path / "s.parquet", state, K, lam)
     _, verdict = compare_network("net", settings, objective, metrics, weights)
     v = verdict.iloc[0]
     assert v["final_loss"] == pytest.approx(0.111652, rel=1e-5) and v["verdict"] == "below_dnc_low_rank"
