@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import objective_of
+from conftest import autograd_gradients, objective_of
 
 from dnc.dufm import DUFMConfig, forward, gradients, init_dufm, targets, train_dufm
 from dnc.dufm.model import feature_columns
@@ -22,14 +22,7 @@ def test_gradient_matches_autograd():
     state = init_dufm(cfg, torch.device("cpu"))
     Y = targets(cfg.K, cfg.n, torch.float64, torch.device("cpu"))
     grads, fit, _ = gradients(state, Y, cfg.lambda_H1, cfg.lambda_W)
-    params = [p.clone().requires_grad_(True) for p in state.params()]
-    post = params[0]
-    for W in params[1:-1]:
-        post = torch.relu(W @ post)
-    Z = params[-1] @ post
-    loss = ((Z - Y) ** 2).sum() / (2 * cfg.N) + cfg.lambda_H1 / 2 * (params[0] ** 2).sum()
-    loss = loss + sum(lam / 2 * (W**2).sum() for lam, W in zip(cfg.lambda_W, params[1:]))
-    auto = torch.autograd.grad(loss, params)
+    auto = autograd_gradients(state, Y, cfg.lambda_H1, cfg.lambda_W)
     for g, a in zip(grads, auto):
         torch.testing.assert_close(g, a, rtol=1e-12, atol=1e-14)
     assert float(fit) == pytest.approx(objective_of(state, cfg).fit, rel=1e-12)
