@@ -252,7 +252,7 @@ def test_torch_input_and_float32_accumulate_in_float64(rng):
 
 
 def test_input_untouched_and_block_size_irrelevant(rng, monkeypatch):
-    import dnc.metrics.accumulators as metrics
+    import dnc.metrics.class_means as metrics
 
     H, y = blobs(rng, K=3, d=5, n=30)
     W = rng.standard_normal((3, 5))

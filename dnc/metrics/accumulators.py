@@ -1,5 +1,6 @@
-"""Streaming state of the collapse metrics: pass 1 (class counts and sums) and pass 2 (within-class
-sums given the means). The formulas that turn that state into numbers live in formulas.py.
+"""Streaming state of the collapse metrics: pass 2 (within-class sums given the means) and the
+drivers that run pass 1 (class_means.py: class counts and sums) and pass 2 over chunks or
+in-memory features. The formulas that turn that state into numbers live in formulas.py.
 
 Two passes keep the within-class sums exact in the collapsed regime, where a one-pass
 E||x||^2 - ||mu||^2 loses every digit. NC1 (pinv) is computed inside the span of the class means
@@ -15,16 +16,23 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from dnc.metrics.class_means import (
+    ClassMeanAccumulator,
+    WorkBuffer,
+    check_chunk,
+    check_finite,
+    row_blocks,
+    to_tensor,
+)
+from dnc.metrics.duality import is_classifier, weight_metrics
 from dnc.metrics.formulas import (
     ACC,
     ClassMeans,
     Convention,
     MeansGeometry,
-    is_classifier,
     means_metrics,
     pinv_trace,
     spectra,
-    weight_metrics,
 )
 from dnc.metrics.pairwise import row_tiles
 
@@ -36,106 +44,6 @@ __all__ = [
     "metrics_from_chunks",
     "check_finite",
 ]
-
-
-def _as_tensor(x: torch.Tensor | np.ndarray, device: torch.device | None = None) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t if device is None else t.to(device)
-
-
-def check_finite(x: torch.Tensor, name: str, row_offset: int = 0) -> None:
-    """Raise ValueError naming the layer and the first row holding NaN or inf."""
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        rows = bad.reshape(x.shape[0], -1).any(dim=1).nonzero()
-        row = int(rows[0]) + row_offset
-        raise ValueError(f"features of {name!r} hold NaN or inf at row {row} (0-based)")
-
-
-class ClassMeanAccumulator:
-    """Pass 1: per-class counts and float64 sums.
-
-    accumulate(features (b, d), labels (b,)) any number of times, then compute() -> ClassMeans.
-    """
-
-    def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu",
-                 name: str = "layer") -> None:
-        self.K, self.d, self.name = num_classes, dim, name
-        self.device = torch.device(device)
-        self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
-        self.sums = torch.zeros(num_classes, dim, dtype=ACC, device=self.device)
-        self.rows = 0
-        self._work = _WorkBuffer()
-
-    def accumulate(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
-        """Add one chunk: features (b, d) of any float dtype, labels (b,) in [0, num_classes)."""
-        H = _as_tensor(features, self.device)
-        y = _as_tensor(labels, self.device).long()
-        _check_chunk(H, y, self.K, self.d, self.name)
-        self.counts += torch.bincount(y, minlength=self.K)
-        for i, j in _blocks(H):
-            X = self._work.get(j - i, H)
-            X.copy_(H[i:j])  # float64 copy of the block
-            self.sums.index_add_(0, y[i:j], X)  # (K, d) += one-hot^T H, float64
-        # NaN/inf in the chunk propagate into the sums: check K x d numbers, not b x d.
-        if not bool(torch.isfinite(self.sums).all()):
-            check_finite(H, self.name, self.rows)
-            raise OverflowError(f"{self.name!r}: class sums overflow float64 (features near 1e308)")
-        self.rows += H.shape[0]
-
-    def compute(self) -> ClassMeans:
-        present = self.counts > 0
-        if int(present.sum()) < 2:
-            raise ValueError(f"{self.name!r}: need samples of at least 2 classes, "
-                             f"got counts {self.counts.tolist()}")
-        return ClassMeans(
-            classes=present.nonzero().flatten(),
-            counts=self.counts[present],
-            M=(self.sums[present] / self.counts[present, None].to(ACC)).T.contiguous(),  # (d, K)
-            num_labels=self.K,
-        )
-
-
-BLOCK_ELEMENTS = 1 << 18  # float64 work blocks of 2 MiB stay in cache on CPU (measured: 8 MiB is 25% slower)
-
-
-def _blocks(H: torch.Tensor) -> list[tuple[int, int]]:
-    """Row ranges of cache-sized blocks on CPU (about 5x faster than whole-chunk ops, which are
-    memory-bound at d in the thousands); one block on CUDA, where large kernels win."""
-    b = H.shape[0]
-    step = b if H.is_cuda else max(1, BLOCK_ELEMENTS // max(1, H.shape[1]))
-    return [(i, min(i + step, b)) for i in range(0, b, step)]
-
-
-class _WorkBuffer:
-    """One float64 block buffer reused for every block and chunk.
-
-    A fresh multi-megabyte tensor per block costs page faults on every allocation (the allocator
-    hands large blocks back to the system): at d = 4096 that tripled the time of pass 2.
-    """
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-
-    def get(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """A (rows, d) float64 view on like's device; contents undefined."""
-        d = like.shape[1]
-        b = self.buf
-        if b is None or b.shape[1] != d or b.shape[0] < rows or b.device != like.device:
-            self.buf = b = torch.empty(rows, d, dtype=ACC, device=like.device)
-        return b[:rows]
-
-
-def _check_chunk(H: torch.Tensor, y: torch.Tensor, K: int, d: int, name: str) -> None:
-    if H.ndim != 2 or H.shape[1] != d:
-        raise ValueError(f"{name!r}: features must be (b, {d}), got {tuple(H.shape)}")
-    if y.shape != (H.shape[0],):
-        raise ValueError(f"{name!r}: labels must be ({H.shape[0]},), got {tuple(y.shape)}")
-    if not H.is_floating_point():
-        raise ValueError(f"{name!r}: features must be floating point, got {H.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
-        raise ValueError(f"{name!r}: labels must lie in [0, {K}), got range "
-                         f"[{int(y.min())}, {int(y.max())}]")
 
 
 NCC_ELEMENTS = 1 << 21  # entries of one (rows x K) float64 distance or logit block (16 MiB)
@@ -182,7 +90,7 @@ class ResidualAccumulator:
         self.ncc_wrong = 0
         self.nc4_diff = 0
         self.nc4_rows = 0
-        self.weight = None if weight is None else _as_tensor(weight, dev).to(ACC)
+        self.weight = None if weight is None else to_tensor(weight, dev).to(ACC)
         self.classifier = classifier
         self.Wt = None  # (d, num_labels) when the classifier decisions are accumulated
         self.WM = None  # (K, num_labels) logits of the class means
@@ -201,20 +109,20 @@ class ResidualAccumulator:
         self.scatter = (torch.zeros(d, d, dtype=ACC, device=dev)
                         if convention.spectra and not self.geo.identity else None)
         self.rows = 0
-        self._work = _WorkBuffer()
-        self._gather = _WorkBuffer()
+        self._work = WorkBuffer()
+        self._gather = WorkBuffer()
 
     def accumulate(self, features, labels, predictions=None) -> None:
         """Add one chunk: features (b, d), labels (b,), optional model predictions (b,)."""
-        H = _as_tensor(features, self.means.M.device)
-        y = _as_tensor(labels, H.device).long()
-        _check_chunk(H, y, self.means.num_labels, self.means.M.shape[0], self.name)
+        H = to_tensor(features, self.means.M.device)
+        y = to_tensor(labels, H.device).long()
+        check_chunk(H, y, self.means.num_labels, self.means.M.shape[0], self.name)
         c = self.col[y]  # (b,) column of each sample's class
         if bool((c < 0).any()):
             raise ValueError(f"{self.name!r}: pass 2 saw a label absent in pass 1")
-        pred = None if predictions is None else _as_tensor(predictions, H.device).long()
+        pred = None if predictions is None else to_tensor(predictions, H.device).long()
         ss_before = self.ss.sum()
-        for i, j in _blocks(H):
+        for i, j in row_blocks(H):
             cb = c[i:j]
             # Residuals in float64, one fused pass: R = H - mu_y (the float32 block is promoted).
             R = torch.sub(H[i:j], torch.index_select(self.Mt, 0, cb, out=self._gather.get(j - i, H)),
@@ -299,7 +207,7 @@ class ResidualAccumulator:
         out.update(means_metrics(m, self.geo, conv, var=var))
         weight = self.weight if weight is None else weight
         if weight is not None:
-            out.update(weight_metrics(_as_tensor(weight, m.M.device), m, self.geo, self.classifier))
+            out.update(weight_metrics(to_tensor(weight, m.M.device), m, self.geo, self.classifier))
         if conv.spectra:
             out.update(spectra(self.C if self.geo.identity else self.scatter, m, self.geo, conv))
         return out
@@ -361,8 +269,8 @@ def layer_metrics(
         classifier, d_out = K).
     """
     conv = convention or Convention()
-    H = _as_tensor(features)
-    y = _as_tensor(labels, H.device).long()
+    H = to_tensor(features)
+    y = to_tensor(labels, H.device).long()
     if H.ndim != 2:
         raise ValueError(f"{name!r}: features must be (N, d), got {tuple(H.shape)}")
     K = num_classes if num_classes is not None else (int(y.max()) + 1 if y.numel() else 0)

@@ -28,7 +28,8 @@ from dnc.io import (
     read_weights,
 )
 from dnc.layout import folder_files, ood_pairs
-from dnc.metrics.accumulators import ClassMeanAccumulator, metrics_from_chunks
+from dnc.metrics.accumulators import metrics_from_chunks
+from dnc.metrics.class_means import ClassMeanAccumulator
 from dnc.metrics.formulas import Convention
 from dnc.metrics.ood import ood_metrics
 
