@@ -29,8 +29,11 @@ slurm: $(STAMP)
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(ARGS)
 
+# ruff, then `snakemake --lint` (every lint but the per-rule conda env, which a venv project has none of)
 lint: $(STAMP)
 	$(BIN)/ruff check dnc scripts tests benchmarks
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_workflow.py::test_snakemake_lint_finds_nothing_but_the_missing_conda_envs
 
 clean:
 	rm -rf results logs .snakemake

@@ -29,7 +29,7 @@ REPORT = """
 import sys, yaml
 sys.path.insert(0, {root!r})
 from dnc.config import expand_dufm_runs
-from dnc.dufm.batch import run_paths
+from dnc.paths import run_paths
 from dnc.report import write_report
 config = yaml.safe_load(open("grid.yaml"))
 runs = expand_dufm_runs(config)
@@ -93,7 +93,8 @@ def main() -> None:
     html_mb = (wd / "results/report/index.html").stat().st_size / 2**20
 
     result = {"machine": machine(), "runs": args.runs, "batch": args.batch, "steps": args.steps,
-              "jobs": args.runs // args.batch + 1, "cores": args.cores, "pipeline_s": round(pipeline, 1),
+              "jobs": 2 * (args.runs // args.batch) + 1,  # train + measure per batch, report
+              "cores": args.cores, "pipeline_s": round(pipeline, 1),
               "report_s": round(report, 1), "report_peak_rss_mb": round(peak_mb),
               "html_mb": round(html_mb, 2), "load_after": [round(x, 2) for x in load]}
     print(json.dumps(result, indent=1))

@@ -1,5 +1,7 @@
 """Grid expansion: stable readable run ids, the lambda shorthand, key-naming errors."""
 
+from pathlib import Path
+
 import pytest
 
 from dnc.config import ConfigError, expand_dufm_runs
@@ -227,3 +229,79 @@ def test_sample_shape_without_loading_matches_the_loaded_data(spec):
     s = DatasetSpec(**spec)
     splits, _ = load_splits(s)
     assert tuple(splits["train"][0].shape[1:]) == sample_shape(s)
+
+
+def _schema():
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml")
+                          .read_text())
+
+
+def test_schema_key_lists_match_the_dataclasses():
+    """The schema is a second statement of the settings: its key lists must stay in step."""
+    from dataclasses import fields
+
+    from dnc.config import NET_KEYS, RFM_KEYS, RUN_KEYS
+    from dnc.data import GAUSSIAN, DatasetSpec
+    from dnc.dufm.compare import Tolerances
+    from dnc.metrics import Convention
+    from dnc.nets.compare import NETWORK_TOLERANCES
+
+    props = _schema()["properties"]
+    dufm = props["dufm"]["properties"]
+    assert set(dufm["defaults"]["properties"]) == {*RUN_KEYS, "lambda", "seeds", "batch"}
+    exp = dufm["experiments"]["additionalProperties"]["properties"]
+    assert set(exp) == {*RUN_KEYS, "lambda", "seeds", "batch", "tolerances", "grid"}
+    assert set(exp["grid"]["properties"]) <= {*RUN_KEYS, "lambda"}
+    assert set(exp["tolerances"]["properties"]) == {f.name for f in fields(Tolerances)}
+    for section, keys in (("networks", NET_KEYS), ("rfm", RFM_KEYS)):
+        block = props[section]["properties"]
+        assert set(block["defaults"]["properties"]) == {*keys, "seeds"}, section
+        grid = block["experiments"]["additionalProperties"]["properties"]["grid"]
+        assert set(grid["propertyNames"]["enum"]) == set(keys), section
+    dataset = props["datasets"]["additionalProperties"]["properties"]
+    assert set(dataset) == {f.name for f in fields(DatasetSpec)}
+    assert set(dataset["gaussian"]["properties"]) == set(GAUSSIAN)
+    convention = props["metrics"]["properties"]["convention"]["properties"]
+    assert set(convention) == {f.name for f in fields(Convention)}
+    theory = props["theory"]["properties"]
+    assert set(theory["tolerances"]["properties"]) == {f.name for f in fields(Tolerances)}
+    # network tolerances override NETWORK_TOLERANCES inside a Tolerances (dnc.nets.compare)
+    assert set(theory["network_tolerances"]["properties"]) == {f.name for f in fields(Tolerances)}
+    assert set(NETWORK_TOLERANCES) <= {f.name for f in fields(Tolerances)}
+
+
+def _allowed(build, key):
+    """The choices a settings dataclass accepts for key, read from its error on a bogus value."""
+    import ast
+    import re
+
+    with pytest.raises(ValueError) as e:
+        build(key, "bogus-value")
+    return set(ast.literal_eval(re.search(r"one of (\(.*?\)|\[.*?\])", str(e.value)).group(1)))
+
+
+def test_schema_enums_match_the_choices_the_dataclasses_accept():
+    from dnc.data import DatasetSpec
+    from dnc.settings import DUFMConfig, NetConfig, RFMConfig
+
+    props = _schema()["properties"]
+    run = props["dufm"]["properties"]["defaults"]["properties"]
+    net = props["networks"]["properties"]["defaults"]["properties"]
+    rfm = props["rfm"]["properties"]["defaults"]["properties"]
+    dufm_base = {k: v for k, v in DEFAULTS.items() if k != "seeds"}
+    builders = {
+        "dufm": (run, lambda k, v: DUFMConfig(**{**dufm_base, k: v})),
+        "networks": (net, lambda k, v: NetConfig(**{k: v})),
+        "rfm": (rfm, lambda k, v: RFMConfig(**{"dataset": "d", "gamma": 1.0, k: v})),
+    }
+    checked = 0
+    for section, (keys, build) in builders.items():
+        for key, spec in keys.items():
+            if "enum" in spec:
+                assert _allowed(build, key) == set(spec["enum"]), (section, key)
+                checked += 1
+    assert checked == 10
+    names = props["datasets"]["additionalProperties"]["properties"]["name"]["enum"]
+    assert _allowed(lambda k, v: DatasetSpec(name=v), "name") == set(names)

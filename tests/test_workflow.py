@@ -188,7 +188,7 @@ def test_metric_setting_reruns_measurement_never_training(finished, tmp_path):
     measure = {job for b in ("scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0")
                for job in stage_jobs(b, ("measure",))}
     assert planned_jobs(wd, cfg) == measure | REPORT | {
-        ("compute_metrics", "net-s0"), ("analyze_network", "net-s0"),
+        ("compute_metrics", "net-s0"), ("compare_network", "net-s0"), ("analyze_network", "net-s0"),
         ("deep_rfm", "rfm-agopTrue-s0"), ("deep_rfm", "rfm-agopFalse-s0")}
     trained = sorted([*wd.glob("results/dufm/*/*.parquet"), *wd.glob("results/nets/*/*.parquet"),
                       *wd.glob("results/nets/*/snapshots/*"), *wd.glob("results/nets/*/features/*")])
@@ -433,3 +433,17 @@ def test_snakemakes_own_report_holds_the_project_page(finished):
     assert out.returncode == 0, out.stderr[-2000:]
     page = (finished / "snakemake_report.html").read_text()
     assert "index.html" in page and "summary.parquet" in page
+
+
+def test_snakemake_lint_finds_nothing_but_the_missing_conda_envs(tmp_path):
+    """`snakemake --lint` on the default config (run by `make lint`). The one lint allowed: no
+    conda env or container per rule, since the project installs one venv for every rule."""
+    wd = workdir_copy(tmp_path)
+    cmd = [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile", str(wd / "Snakefile"),
+           "--workflow-profile", "none", "--lint"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text, text[-3000:]
+    titles = set(re.findall(r"^\s+\* (.+?):$", text, flags=re.M))
+    assert titles <= {"Specify a conda environment or container for each rule."}, text[-3000:]
+    assert "Lints for rule build_report" in text or out.returncode == 0  # the linter did run
