@@ -194,3 +194,45 @@ def test_rank_columns_without_theory_keep_the_verdict_columns(tmp_path):
     assert cols["rank_verdict"] == "other" and cols["rank_verdict_text"].startswith("other: no L_DNC")
     assert cols["min_hidden_rank_pre"] == cols["min_hidden_rank_post"] == 3
     assert math.isnan(cols["loss_over_L_DNC"])
+
+
+def test_every_verdict_producer_writes_the_columns_of_verdict_row(tmp_path):
+    """compare_run, diverged_run, the network verdicts (recovered, no theory, diverged) share one
+    column list and order, and the builder refuses a row that misses a column."""
+    import math
+
+    from dnc.dufm.compare import diverged_run
+    from dnc.dufm.rank import diverged_rank_columns
+    from dnc.dufm.verdict import NETWORK_COLUMNS, VERDICT_COLUMNS, theory_columns, verdict_row
+    from dnc.nets.compare import compare_network, diverged_network, head_settings
+
+    opt = dnc_optimum(3, 3, 10, 5e-3, 5e-3)
+    settings, history, metrics, weights = measure(tmp_path, 3, 3, 10, 6, 5e-3, opt.mean_norms)
+    _, verdict = compare_run("r", settings, history, metrics, weights)
+    assert tuple(verdict.columns) == VERDICT_COLUMNS
+    boom = history.assign(loss=[1.0, math.inf])
+    _, diverged = diverged_run("r", settings, boom)
+    assert tuple(diverged.columns) == VERDICT_COLUMNS
+    assert diverged.iloc[0]["L_DNC"] == opt.loss and diverged.iloc[0]["rank_verdict"] == "diverged"
+    heads = dnc_head_tables(tmp_path, 3, 10, 5e-3, opt.mean_norms)
+    for lam_W in (5e-3, [5e-3, 0.0, 5e-3]):  # with a theory, and without (a zero penalty)
+        _, net = compare_network("n", head_settings(3, 30, 2, 5e-3, lam_W), *heads)
+        assert tuple(net.columns) == VERDICT_COLUMNS + NETWORK_COLUMNS
+    epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, math.nan]})
+    _, net = diverged_network("n", {**head_settings(3, 30, 2, 5e-3, 5e-3), "lr": 1.0}, epochs)
+    assert tuple(net.columns) == VERDICT_COLUMNS + NETWORK_COLUMNS and net.iloc[0]["epoch"] == 2
+    ranks = diverged_rank_columns("x")
+    del ranks["deciding_rank"]
+    with pytest.raises(ValueError, match="ranks"):
+        verdict_row("r", "diverged", "x", converged=False, steps=1, final_loss=1.0, final_grad_norm=1.0,
+                    rel_gap=math.nan, theory=theory_columns(opt, None), ranks=ranks)
+
+
+def test_claim_code_from_counts():
+    from dnc.report.claims import CLAIM_TEXT, claim_code
+
+    assert claim_code(0, 0) == "not_tested" and claim_code(3, 3) == "holds"
+    assert claim_code(1, 3) == "partly" and claim_code(0, 3) == "does_not_hold"
+    # A claim shown in part by some run is partly, not does_not_hold.
+    assert claim_code(0, 3, some=1) == "partly" and claim_code(0, 3, some=0) == "does_not_hold"
+    assert {claim_code(*c) for c in [(0, 0), (1, 1), (1, 2), (0, 2)]} == set(CLAIM_TEXT)
