@@ -25,7 +25,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from dnc.data import DatasetSpec, sample_shape
-from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
+from dnc.settings import SHAPE_KEYS, DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
 
 __all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_tolerances",
            "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs", "format_value"]
@@ -250,8 +250,6 @@ def dufm_tolerances(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, A
     return {rid: {**common, **((experiments.get(s["experiment"]) or {}).get("tolerances") or {})}
             for rid, s in runs.items()}
 
-
-SHAPE_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
 
 
 def dufm_batches(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:

@@ -8,9 +8,9 @@ from dnc.io import write_parquet
 from dnc.logs import configure_logging
 from dnc.nets.stage import compare_network_stage
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-run_id, inp, p = snakemake.wildcards.run, snakemake.input, snakemake.params  # noqa: F821
+log = configure_logging(snakemake.log[0])
+run_id, inp, p = snakemake.wildcards.run, snakemake.input, snakemake.params
 comparison, verdict = compare_network_stage(run_id, inp.dataset, inp.history, inp.objective, inp.metrics,
                                             inp.features, p.settings, p.tolerances)
-write_parquet(comparison, snakemake.output.comparison)  # noqa: F821
-write_parquet(verdict, snakemake.output.verdict)  # noqa: F821
+write_parquet(comparison, snakemake.output.comparison)
+write_parquet(verdict, snakemake.output.verdict)

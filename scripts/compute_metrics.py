@@ -12,10 +12,10 @@ from dnc.logs import configure_logging
 from dnc.metrics import Convention
 from dnc.metrics.streaming import folder_metrics
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-inp, p = snakemake.input, snakemake.params  # noqa: F821
+log = configure_logging(snakemake.log[0])
+inp, p = snakemake.input, snakemake.params
 convention = Convention(**p.convention)
-table = folder_metrics(inp.folder, snakemake.wildcards.run, convention, p.batch_rows, p.device)  # noqa: F821
+table = folder_metrics(inp.folder, snakemake.wildcards.run, convention, p.batch_rows, p.device)
 log.info("%d metric values for %d (step, split, representation) groups", len(table),
          table.groupby(["step", "split", "layer", "representation"]).ngroups)
-write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})  # noqa: F821
+write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})

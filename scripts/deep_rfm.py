@@ -16,9 +16,9 @@ from dnc.metrics import Convention
 from dnc.rfm.stage import feature_columns, layer_table, rfm_metrics, run_rfm
 from dnc.settings import RFMConfig
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input  # noqa: F821
-torch.set_num_threads(snakemake.threads)  # noqa: F821
+log = configure_logging(snakemake.log[0])
+run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input
+torch.set_num_threads(snakemake.threads)
 
 cfg = RFMConfig.from_settings(p.settings, device=p.device)
 splits = {s: read_split(inp.dataset, s) for s in ("train", "test")}

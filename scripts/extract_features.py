@@ -17,9 +17,9 @@ from dnc.logs import configure_logging
 from dnc.nets.extract import check_ood_shape, extract_epochs
 from dnc.nets.train import reached_epochs, read_history
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input  # noqa: F821
-torch.set_num_threads(snakemake.threads)  # noqa: F821
+log = configure_logging(snakemake.log[0])
+run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input
+torch.set_num_threads(snakemake.threads)
 splits = {s: read_split(inp.dataset, s) for s in ("train", "test")}
 ood = [inp.ood] if isinstance(inp.ood, str) else list(inp.ood)  # zero or one dataset file
 if ood:

@@ -3,7 +3,7 @@
 from dnc.data import DatasetSpec, prepare_dataset
 from dnc.logs import configure_logging
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-spec = DatasetSpec(**snakemake.params.spec)  # noqa: F821
-meta = prepare_dataset(spec, snakemake.output.dataset)  # noqa: F821
+log = configure_logging(snakemake.log[0])
+spec = DatasetSpec(**snakemake.params.spec)
+meta = prepare_dataset(spec, snakemake.output.dataset)
 log.info("%s: shape %s, %d classes, counts %s", spec.name, meta["shape"], meta["num_classes"], meta["counts"])

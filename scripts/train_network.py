@@ -14,21 +14,21 @@ from dnc.logs import configure_logging
 from dnc.nets.train import diverged_epoch, export_snapshots, reached_epochs, train_network
 from dnc.settings import NetConfig
 
-log = configure_logging(snakemake.log[0])  # noqa: F821
-run_id, settings, p = snakemake.wildcards.run, snakemake.params.settings, snakemake.params  # noqa: F821
-torch.set_num_threads(snakemake.threads)  # noqa: F821
+log = configure_logging(snakemake.log[0])
+run_id, settings, p = snakemake.wildcards.run, snakemake.params.settings, snakemake.params
+torch.set_num_threads(snakemake.threads)
 torch.use_deterministic_algorithms(True, warn_only=True)
 
 cfg = NetConfig.from_settings(settings, device=p.device)
-splits = {s: read_split(snakemake.input.dataset, s) for s in ("train", "test")}  # noqa: F821
+splits = {s: read_split(snakemake.input.dataset, s) for s in ("train", "test")}
 data, meta = {s: v[:2] for s, v in splits.items()}, splits["train"][2]
 log.info("training %s on %s: %s", run_id, meta["name"], cfg)
 rows = train_network(cfg, data, p.resume_dir, meta["num_classes"], run=run_id, on_conflict="restart",
                      on_nonfinite="stop")
-export_snapshots(p.resume_dir, snakemake.output.snapshots, reached_epochs(cfg.feature_epochs, rows))  # noqa: F821
+export_snapshots(p.resume_dir, snakemake.output.snapshots, reached_epochs(cfg.feature_epochs, rows))
 history = pd.DataFrame(rows)
 history.insert(0, "run", run_id)
 log.info("final: %s", history.iloc[-1].to_dict())
 stop = diverged_epoch(rows)
-write_parquet(history, snakemake.output.history, {"dnc:config": settings, "dnc:run": run_id,  # noqa: F821
+write_parquet(history, snakemake.output.history, {"dnc:config": settings, "dnc:run": run_id,
                                                   **({"dnc:diverged_epoch": stop} if stop else {})})

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import autograd_gradients
 
 from dnc.dufm import (
     DUFMConfig,
@@ -110,14 +111,7 @@ def test_batched_gradient_matches_autograd_and_the_objective():
     lam_W = [torch.tensor(v, dtype=torch.float64) for v in zip(*(c.lambda_W for c in cfgs))]
     grads, fit, sq = gradients(state, Y, lam_H, lam_W)
     assert fit.shape == (3,) and sq.shape == (3, 4)
-    params = [p.clone().requires_grad_(True) for p in state.params()]
-    post = params[0]
-    for W in params[1:-1]:
-        post = torch.relu(W @ post)
-    loss = ((params[-1] @ post - Y) ** 2).sum() / (2 * 12)  # sum over runs: runs do not interact
-    loss = loss + (lam_H / 2 * (params[0] ** 2).sum((1, 2))).sum()
-    loss = loss + sum((lam / 2 * (W ** 2).sum((1, 2))).sum() for lam, W in zip(lam_W, params[1:]))
-    for g, a in zip(grads, torch.autograd.grad(loss, params)):
+    for g, a in zip(grads, autograd_gradients(state, Y, lam_H, lam_W)):
         torch.testing.assert_close(g, a, rtol=1e-12, atol=1e-14)
     for b, c in enumerate(cfgs):  # each run's terms are its one-run objective
         one = objective(DUFMState(state.H1[b], [W[b] for W in state.W]), Y, c.lambda_H1, c.lambda_W)

@@ -2,12 +2,9 @@
 
 import pandas as pd
 import pytest
-from conftest import dnc_construction, dnc_head_tables, objective_of
+from conftest import dnc_construction, dnc_head_tables, measured_state, objective_of
 
 from dnc.dufm.compare import Tolerances, compare_run, is_converged
-from dnc.dufm.model import feature_columns
-from dnc.io import write_features
-from dnc.metrics.streaming import feature_file_metrics
 from dnc.settings import DUFMConfig
 from dnc.theory import dnc_optimum
 
@@ -24,10 +21,7 @@ def measure_state(tmp_path, state, K, L, n, lam, grad_norm=0.0):
     row = {"step": 100, "loss": obj.loss, "fit": obj.fit, "reg_H1": obj.reg_H1, "grad_norm": grad_norm}
     row.update({f"reg_W{l + 1}": v for l, v in enumerate(obj.reg_W)})
     history = pd.DataFrame([{**row, "step": 0}, row])
-    cols, y, pred = feature_columns(state)
-    write_features(tmp_path / "f.parquet", y, cols, pred)
-    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
-    metrics = feature_file_metrics(tmp_path / "f.parquet", "r", weights=weights, device="cpu")
+    metrics, weights, _ = measured_state(tmp_path / "f.parquet", state)
     settings = {"K": K, "L": L, "n": n, "lambda_H1": lam, "lambda_W": lam}
     return settings, history, metrics, weights
 

@@ -8,13 +8,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import dnc_construction, objective_of
+from conftest import dnc_construction, measured_state, objective_of
 
 from dnc.config import dufm_batches, expand_dufm_runs
 from dnc.dufm.compare import compare_run
-from dnc.dufm.model import DUFMState, feature_columns
-from dnc.io import write_features
-from dnc.metrics.streaming import feature_file_metrics
+from dnc.dufm.model import DUFMState
 from dnc.report.dufm import render_dufm_section
 from dnc.report.helpers import MAX_ROWS, run_groups
 from dnc.report.lowrank import render_lowrank_section
@@ -34,10 +32,7 @@ def _tables(tmp, state, name):
            **{f"reg_W{l + 1}": v for l, v in enumerate(obj.reg_W)}}
     history = pd.DataFrame([{**row, "step": 0, "loss": 0.5}, {**row, "step": 500, "loss": 0.2},
                             {**row, "step": 1000}])
-    cols, y, pred = feature_columns(state)
-    write_features(tmp / f"{name}.parquet", y, cols, pred)
-    weights = {l + 1: W.numpy() for l, W in enumerate(state.W)}
-    metrics = feature_file_metrics(tmp / f"{name}.parquet", name, weights=weights, device="cpu")
+    metrics, weights, _ = measured_state(tmp / f"{name}.parquet", state, run=name)
     settings = {"K": K, "L": L, "n": N_PER, "lambda_H1": LAM, "lambda_W": LAM}
     comparison, verdict = compare_run(name, settings, history.assign(run=name), metrics, weights)
     return metrics, history, comparison, verdict

@@ -406,10 +406,11 @@ def test_ctrl_c_then_the_same_command_resumes_training(tmp_path):
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"] = {}
     cfg.pop("rfm")
-    cfg["datasets"] = {"big": {"name": "gaussian", "gaussian": {"K": 4, "dim": 64, "separation": 3.0,
-                                                                 "n": 1500}}}
+    cfg["datasets"] = {"big": {"name": "gaussian", "standardize": True,
+                               "gaussian": {"K": 4, "dim": 64, "separation": 3.0, "n": 1500}}}
     cfg["networks"]["experiments"] = {"slow": {"dataset": "big", "epochs": 12, "mlp_widths": [256, 256],
-                                               "lr": 0.01, "head_width": 64, "feature_epochs": [12]}}
+                                               "lambda_H1": 1e-6, "lr": 0.01, "head_width": 64,
+                                               "feature_epochs": [12]}}
     wd = workdir_copy(tmp_path)
     (wd / "test-config.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile", str(wd / "Snakefile"),

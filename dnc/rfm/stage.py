@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from dnc.data import subset
-from dnc.device import resolve_device
+from dnc.device import TORCH_DTYPES, resolve_device
 from dnc.layout import RFM_REPRESENTATIONS, FeatureColumn, column_name, rfm_column
 from dnc.metrics import Convention, layer_metrics
 from dnc.metrics.streaming import TIDY_COLUMNS
@@ -24,8 +24,6 @@ from dnc.rfm.deep import RFMLayer, deep_rfm
 from dnc.settings import RFMConfig
 
 __all__ = ["select_rows", "run_rfm", "rfm_metrics", "layer_table", "feature_columns"]
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def select_rows(X: np.ndarray, y: np.ndarray, n: int | None,
@@ -56,7 +54,7 @@ def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np
         feature_map=cfg.feature_map, bandwidth=cfg.bandwidth, ridge=cfg.ridge, agop=cfg.agop,
         seed=cfg.seed, kernel=cfg.kernel, gamma=cfg.gamma,
         X_test=torch.as_tensor(Xte).reshape(len(Xte), -1).to(dev), num_classes=num_classes,
-        dtype=DTYPES[cfg.dtype], progress=progress)
+        dtype=TORCH_DTYPES[cfg.dtype], progress=progress)
     return layers, {"train": np.asarray(ytr), "test": np.asarray(yte)}
 
 
