@@ -10,6 +10,8 @@ inp, p, out = snakemake.input, snakemake.params, snakemake.output
 
 write_report({key: list(inp[key]) for key in inp.keys()}, p.runs, p.net_runs, p.rfm_runs,
              p.configfiles, out.summary, out.html)
-for stale in p.partial:  # an earlier failed invocation's partial report: superseded by this one
-    Path(stale).unlink(missing_ok=True)
+for stale in map(Path, p.partial):  # an earlier failed invocation's partial report: superseded
+    stale.unlink(missing_ok=True)
+    if stale.parent.is_dir() and not any(stale.parent.iterdir()):
+        stale.parent.rmdir()
 log.info("report of %d DUFM, %d network and %d Deep RFM runs", len(p.runs), len(p.net_runs), len(p.rfm_runs))

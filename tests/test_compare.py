@@ -215,6 +215,11 @@ def test_every_verdict_producer_writes_the_columns_of_verdict_row(tmp_path):
     epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, math.nan]})
     _, net = diverged_network("n", {**head_settings(3, 30, 2, 5e-3, 5e-3), "lr": 1.0}, epochs)
     assert tuple(net.columns) == VERDICT_COLUMNS + NETWORK_COLUMNS and net.iloc[0]["epoch"] == 2
+    # A head without penalties (the AGOP paper's network) that diverges: no theory, still a verdict.
+    _, free = diverged_network("n", {**head_settings(3, 30, 2, 0.0, 0.0), "lr": 1.0}, epochs)
+    no_theory = theory_columns(None, None)["regime"]
+    assert free.iloc[0]["verdict"] == "diverged" and free.iloc[0]["regime"] == no_theory
+    assert math.isnan(free.iloc[0]["L_DNC"]) and tuple(free.columns) == VERDICT_COLUMNS + NETWORK_COLUMNS
     ranks = diverged_rank_columns("x")
     del ranks["deciding_rank"]
     with pytest.raises(ValueError, match="ranks"):

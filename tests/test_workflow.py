@@ -420,6 +420,7 @@ def test_ctrl_c_then_the_same_command_resumes_training(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) != 0
     assert not (wd / "results/report/index.html").exists()
+    assert (wd / "results/report/partial/index.html").exists()  # written by the onerror hook
 
     assert ("train_network", "slow-s0") in planned_jobs(wd, cfg)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -23,7 +23,7 @@ import pandas as pd
 from dnc.dufm.rank import diverged_rank_columns, metric_value, rank_columns, rank_verdict
 from dnc.dufm.verdict import DIVERGED, RANK_VERDICTS, VERDICTS, Tolerances, theory_columns, verdict_row
 from dnc.layout import dufm_columns
-from dnc.theory import DNCOptimum, dnc_optimum, local_minimum_structure, triangle_loss
+from dnc.theory import DNCOptimum, dnc_optimum, lambda_vector, local_minimum_structure, triangle_loss
 
 __all__ = ["Tolerances", "compare_run", "diverged_run", "empty_comparison", "is_diverged", "is_converged",
            "rank_columns", "rank_verdict", "VERDICTS", "RANK_VERDICTS", "COMPARISON_COLUMNS"]
@@ -226,8 +226,10 @@ def diverged_run(run: str, settings: Mapping, history: pd.DataFrame) -> tuple[pd
     can be set against them; nothing is measured on the non-finite parameters.
     """
     K, L, n = int(settings["K"]), int(settings["L"]), settings["n"]
-    opt = dnc_optimum(K, L, n, settings["lambda_H1"], settings["lambda_W"])
-    l_tri = triangle_loss(K, L, n, settings["lambda_H1"], settings["lambda_W"])
+    lam_H, lam_W = float(settings["lambda_H1"]), settings["lambda_W"]
+    # A network head may have a zero penalty (no closed form): it can diverge all the same.
+    theory = (theory_columns(None, None) if lam_H == 0 or min(lambda_vector(lam_W, L, allow_zero=True)) == 0
+              else theory_columns(dnc_optimum(K, L, n, lam_H, lam_W), triangle_loss(K, L, n, lam_H, lam_W)))
     step = int(history["step"].iloc[-1])
     finite = history[np.isfinite(history["loss"]) & np.isfinite(history["grad_norm"])]
     last_loss = float(finite["loss"].iloc[-1]) if len(finite) else math.nan
@@ -236,7 +238,7 @@ def diverged_run(run: str, settings: Mapping, history: pd.DataFrame) -> tuple[pd
             f"lr {settings.get('lr')}")
     verdict = verdict_row(run, DIVERGED, text, converged=False, steps=step, final_loss=last_loss,
                           final_grad_norm=float(history["grad_norm"].iloc[-1]), rel_gap=math.nan,
-                          theory=theory_columns(opt, l_tri), ranks=diverged_rank_columns(text))
+                          theory=theory, ranks=diverged_rank_columns(text))
     return empty_comparison(), verdict
 
 
