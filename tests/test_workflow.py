@@ -449,3 +449,18 @@ def test_snakemake_lint_finds_nothing_but_the_missing_conda_envs(tmp_path):
     titles = set(re.findall(r"^\s+\* (.+?):$", text, flags=re.M))
     assert titles <= {"Specify a conda environment or container for each rule."}, text[-3000:]
     assert "Lints for rule build_report" in text or out.returncode == 0  # the linter did run
+
+
+def test_parsing_the_workflow_imports_no_torch_and_no_plotting(tmp_path):
+    """Snakemake parses the workflow on every invocation (and on a cluster's login node): the
+    modules common.smk imports stay free of torch and matplotlib (python -X importtime lists
+    every module the parsing process imported)."""
+    wd = workdir_copy(tmp_path)
+    cmd = [sys.executable, "-X", "importtime", "-m", "snakemake", "--directory", str(wd), "--snakefile",
+           str(wd / "Snakefile"), "--workflow-profile", "none", "-n"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "dnc.config" in imported and "dnc.paths" in imported  # the listing is real
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "matplotlib", "torchvision")}
