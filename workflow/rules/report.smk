@@ -17,10 +17,11 @@ rule build_report:
     log:
         "logs/build_report/report.log",
     params:
-        # run order kept (it is the report's row order); each run's settings canonical
-        runs={r: canonical(s) for r, s in RUNS.items()},
-        net_runs={r: canonical(s) for r, s in NET_RUNS.items()},
-        rfm_runs={r: canonical(s) for r, s in RFM_RUNS.items()},
+        # As dnc.config expands them: settings in their dataclass's field order (the summary's
+        # column order), grid keys sorted, so the same whatever the order of the config's keys.
+        runs=RUNS,
+        net_runs=NET_RUNS,
+        rfm_runs=RFM_RUNS,
         configfiles=[str(f) for f in workflow.configfiles],
         # the stale partial report of an earlier failed invocation, removed once this one is built
         partial=[REPORT.partial_summary, REPORT.partial_html],
