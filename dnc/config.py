@@ -25,15 +25,18 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from dnc.data import DatasetSpec, sample_shape
-from dnc.settings import SHAPE_KEYS, DUFMConfig, NetConfig, RFMConfig, optional_keys, required_keys
+from dnc.models.files import CheckpointError, find_checkpoints
+from dnc.settings import SHAPE_KEYS, DUFMConfig, ModelConfig, NetConfig, RFMConfig, optional_keys, required_keys
 
 __all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_tolerances",
-           "expand_dufm_runs", "expand_network_runs", "expand_rfm_runs", "format_value"]
+           "expand_dufm_runs", "expand_model_runs", "expand_network_runs", "expand_rfm_runs",
+           "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
 NET_KEYS = tuple(f.name for f in fields(NetConfig) if f.name not in ("seed", "device"))
 RFM_KEYS = tuple(f.name for f in fields(RFMConfig) if f.name not in ("seed", "device"))
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name != "device")
 
 
 def canonical(value: Any) -> Any:
@@ -276,3 +279,34 @@ def dufm_batches(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]
             bid = chunk[0] if size == 1 else f"{exp}-{shape}-b{i // size}"
             batches[bid] = chunk
     return batches
+
+
+def expand_model_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map experiment name (the run id) -> resolved model experiment settings (MODEL_KEYS,
+    experiment, and ``checkpoint_files``: [step, path] pairs sorted by step, path "" for the
+    untrained model). ``models.defaults`` is overridden by each ``models.experiments.<name>``;
+    no grid or seeds: one run per experiment. Checkpoint globs are resolved here (dnc.models.files),
+    so a glob that matches nothing fails before any job runs."""
+    block = config.get("models") or {}
+    datasets = config.get("datasets") or {}
+    own = {k: list(v) if isinstance(v, tuple) else v for k, v in optional_keys(ModelConfig).items()
+           if k != "device"}  # the seed is a setting here (of the untrained model)
+    defaults = {**own, **(block.get("defaults") or {})}
+    runs: dict[str, dict[str, Any]] = {}
+    for exp, spec in (block.get("experiments") or {}).items():
+        where = f"models.experiments.{exp}"
+        settings = {**defaults, **(spec or {})}
+        missing = [k for k in required_keys(ModelConfig) if k not in settings]
+        if missing:
+            raise ConfigError(f"{where}: missing {missing}")
+        if settings["dataset"] not in datasets:
+            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of datasets "
+                              f"({sorted(datasets)})")
+        _validate(ModelConfig, settings, where)
+        try:
+            files = find_checkpoints(settings["checkpoints"], settings["step_regex"], settings["init"])
+        except CheckpointError as e:
+            raise ConfigError(f"{where}.checkpoints: {e}") from e
+        runs[exp] = {**{k: settings[k] for k in MODEL_KEYS}, "experiment": exp,
+                     "checkpoint_files": [[step, path] for step, path in files]}
+    return runs

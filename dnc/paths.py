@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass
 
+from dnc.layout import feature_file, weights_file
+
 __all__ = ["RESULTS", "RunPaths", "run_paths", "NetPaths", "net_paths", "RFMPaths", "rfm_paths",
-           "dataset_path", "ReportPaths", "report_paths"]
+           "ModelPaths", "model_paths", "example_paths", "dataset_path", "ReportPaths", "report_paths"]
 
 RESULTS = "results"
 
@@ -83,6 +85,31 @@ class RFMPaths:
 def rfm_paths(run: str, root: str = RESULTS) -> RFMPaths:
     return RFMPaths(f"{root}/metrics/{run}/metrics.parquet", f"{root}/rfm/{run}/layers.parquet",
                     f"{root}/rfm/{run}/features")
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """A model experiment's feature folder (one train, test and weights file per checkpoint step,
+    named as in a network's feature folder, dnc.layout) and its metrics."""
+
+    features: str
+    metrics: str
+
+    def step_files(self, step: int | str) -> tuple[str, str, str]:
+        """(train features, test features, classifier weights) of one step."""
+        return (str(feature_file(self.features, step, "train")), str(feature_file(self.features, step, "test")),
+                str(weights_file(self.features, step)))
+
+
+def model_paths(run: str, root: str = RESULTS) -> ModelPaths:
+    return ModelPaths(f"{root}/models/{run}/features", f"{root}/metrics/{run}/metrics.parquet")
+
+
+def example_paths(name: str, save: list[int], root: str = RESULTS) -> tuple[str, list[str]]:
+    """(data.npz, checkpoint per saved epoch) of an example training script's run (the files that
+    examples/train_digits_cnn.py writes into --out)."""
+    out = f"{root}/examples/{name}"
+    return f"{out}/data.npz", [f"{out}/epoch_{e:03d}.pt" for e in save]
 
 
 def dataset_path(name: str, root: str = RESULTS) -> str:

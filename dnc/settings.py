@@ -13,7 +13,8 @@ from typing import Any
 
 from dnc.theory.dnc import lambda_vector
 
-__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "required_keys", "optional_keys", "SHAPE_KEYS", "DTYPES"]
+__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "ModelConfig", "required_keys", "optional_keys", "SHAPE_KEYS",
+           "DTYPES", "POOLS"]
 
 DTYPES = ("float64", "float32")
 # Network settings read only by the analysis stage: changing them must not retrain.
@@ -231,4 +232,66 @@ class RFMConfig:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> RFMConfig:
         """Build from a resolved run of dnc.config.expand_rfm_runs (extra keys are ignored)."""
+        return _from_settings(cls, settings, device)
+
+
+POOLS = ("avg", "max", "flatten", "cls", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model experiment: a user's model and its checkpoints, measured layer by layer
+    (docs/models.md). The run id is the experiment's name.
+
+    model: ``torchvision:<builder>``, ``timm:<name>`` or ``python:<file.py or module>:<callable>``;
+    kwargs: passed to the builder. checkpoints: a glob or a list of files; step_regex: reads each
+    file's step (default: the last integer in its name); init: also measure the untrained model
+    (seeded by seed) as step 0; state_key: the key of the state dict inside a training checkpoint
+    (found automatically when one value is a state dict). dataset: a key of the config's datasets.
+    layers: "auto" (each top-level block's output and the classifier's input) or node names;
+    classifier: the final nn.Linear (found automatically when the model ends in one); pool: avg,
+    max, flatten, cls or none, one for all layers or a mapping node -> pool; max_width: largest
+    pooled width accepted; batch_size: rows per forward pass.
+    """
+
+    model: str
+    dataset: str
+    kwargs: dict = field(default_factory=dict)
+    checkpoints: str | tuple[str, ...] | None = None
+    step_regex: str | None = None
+    init: bool = False
+    state_key: str | None = None
+    layers: str | tuple[str, ...] = "auto"
+    classifier: str | None = None
+    pool: str | dict = "avg"
+    max_width: int = 16384
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        kind = self.model.partition(":")[0]
+        if kind not in ("torchvision", "timm", "python") or ":" not in self.model:
+            raise ValueError(f"model must be torchvision:<builder>, timm:<name> or "
+                             f"python:<file.py or module>:<callable>, got {self.model!r}")
+        if kind == "python" and self.model.count(":") < 2:
+            raise ValueError(f"model {self.model!r}: python specs name the callable too "
+                             f"(python:<file.py or module>:<callable>)")
+        if isinstance(self.layers, list | tuple):
+            object.__setattr__(self, "layers", tuple(self.layers))
+            if not self.layers:
+                raise ValueError("layers: give 'auto' or at least one node name")
+        elif self.layers != "auto":
+            raise ValueError(f"layers must be 'auto' or a list of node names, got {self.layers!r}")
+        pools = self.pool.values() if isinstance(self.pool, dict) else [self.pool]
+        bad = [p for p in pools if p not in POOLS]
+        if bad:
+            raise ValueError(f"pool must be one of {POOLS} (or a mapping node -> pool), got {bad}")
+        for key in ("max_width", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> ModelConfig:
+        """Build from a resolved run of dnc.config.expand_model_runs (extra keys are ignored)."""
         return _from_settings(cls, settings, device)

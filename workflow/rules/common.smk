@@ -1,23 +1,27 @@
 # Not rules: run ids from the config grids, wildcard constraints, input functions. Parsing imports
 # no torch and no plotting library (dnc.config, dnc.paths and dnc.settings are torch-free).
+import os
 import re
 
 import dnc
 from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_tolerances,
-                        expand_dufm_runs, expand_network_runs, expand_rfm_runs)
-from dnc.paths import dataset_path, net_paths, report_paths, rfm_paths, run_paths
+                        expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
+from dnc.models.files import model_source_file
+from dnc.paths import dataset_path, example_paths, model_paths, net_paths, report_paths, rfm_paths, run_paths
 from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
 
 try:
     RUNS = expand_dufm_runs(config)
     NET_RUNS = expand_network_runs(config)
     RFM_RUNS = expand_rfm_runs(config)
+    MODEL_RUNS = expand_model_runs(config)
     DATASETS = dataset_specs(config)
     DUFM_BATCHES = dufm_batches(config, RUNS)
     DUFM_TOLERANCES = dufm_tolerances(config, RUNS)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
-_twice = (set(RUNS) & set(NET_RUNS)) | (set(RUNS) & set(RFM_RUNS)) | (set(NET_RUNS) & set(RFM_RUNS))
+_kinds = [set(RUNS), set(NET_RUNS), set(RFM_RUNS), set(MODEL_RUNS)]
+_twice = {r for i, a in enumerate(_kinds) for b in _kinds[i + 1:] for r in a & b}
 if _twice:
     raise WorkflowError(f"invalid config: run ids used twice: {sorted(_twice)}")
 
@@ -41,6 +45,9 @@ def alternatives(ids):
 
 NET_RUN = alternatives(NET_RUNS)
 RFM_RUN = alternatives(RFM_RUNS)
+MODEL_RUN = alternatives(MODEL_RUNS)
+MODEL = model_paths("{run}")
+EXAMPLES = config.get("examples") or {}
 
 
 def batch_rule_name(stage, batch):
@@ -88,6 +95,42 @@ def rfm_settings(wildcards):
 
 def rfm_dataset(wildcards):
     return dataset_path(RFM_RUNS[wildcards.run]["dataset"])
+
+
+# Model settings that extraction does not read (each extraction job has its own checkpoint).
+_NOT_EXTRACTION = ("checkpoints", "step_regex", "init", "checkpoint_files", "experiment")
+
+
+def model_extract_settings(wildcards):
+    return canonical({k: v for k, v in MODEL_RUNS[wildcards.run].items() if k not in _NOT_EXTRACTION})
+
+
+def model_checkpoint(wildcards):
+    """The checkpoint file of one step ([] for step 0 of init: the untrained model)."""
+    path = dict(MODEL_RUNS[wildcards.run]["checkpoint_files"])[int(wildcards.step)]
+    return [path] if path else []
+
+
+def model_source(wildcards):
+    """The model's Python file (a python:<file.py>:<callable> spec), so that editing it reruns."""
+    source = model_source_file(MODEL_RUNS[wildcards.run]["model"])
+    return [source] if source else []
+
+
+def model_dataset(wildcards):
+    return dataset_path(MODEL_RUNS[wildcards.run]["dataset"])
+
+
+def model_step_files(wildcards):
+    """Every feature and weights file of a model experiment, in step order."""
+    return [f for step, _ in MODEL_RUNS[wildcards.run]["checkpoint_files"]
+            for f in model_paths(wildcards.run).step_files(step)]
+
+
+def dataset_inputs(wildcards):
+    """An arrays dataset's file, which another rule (an example's training) may write."""
+    spec = DATASETS[wildcards.dataset]
+    return [spec["path"]] if spec.get("name") == "arrays" and spec.get("path") else []
 
 
 def per_run(field, runs, paths):

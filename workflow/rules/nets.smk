@@ -1,4 +1,6 @@
 rule prepare_dataset:
+    input:
+        dataset_inputs,
     output:
         dataset=dataset_path("{dataset}"),
     log:

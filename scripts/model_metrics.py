@@ -1,0 +1,19 @@
+"""Per-layer collapse metrics of a model experiment: every checkpoint step's train and test
+feature files, each with the classifier weights of its step; the logic is
+dnc.models.measure.model_metrics (tidy table with the node name of each layer and the accuracy)."""
+
+from dnc.io import write_parquet
+from dnc.logs import configure_logging
+from dnc.metrics import Convention
+from dnc.models.measure import model_metrics
+
+log = configure_logging(snakemake.log[0])
+p, run = snakemake.params, snakemake.wildcards.run
+files = list(snakemake.input)
+features = [f for f in files if not f.endswith("_weights.parquet")]
+weights = [f for f in files if f.endswith("_weights.parquet")]
+convention = Convention(**p.convention)
+table = model_metrics(features, weights, run, convention, p.batch_rows, p.device)
+log.info("%d metric values over %d steps and %d layers", len(table), table["step"].nunique(),
+         table["layer"].nunique())
+write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})
