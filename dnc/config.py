@@ -26,7 +26,15 @@ from typing import Any
 
 from dnc.data import DatasetSpec, sample_shape
 from dnc.models.files import CheckpointError, find_checkpoints
-from dnc.settings import SHAPE_KEYS, DUFMConfig, ModelConfig, NetConfig, RFMConfig, optional_keys, required_keys
+from dnc.settings import (
+    SHAPE_KEYS,
+    DUFMConfig,
+    ModelConfig,
+    NetConfig,
+    RFMConfig,
+    optional_keys,
+    required_keys,
+)
 
 __all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_tolerances",
            "expand_dufm_runs", "expand_model_runs", "expand_network_runs", "expand_rfm_runs",

@@ -97,8 +97,8 @@ class ModelPaths:
 
     def step_files(self, step: int | str) -> tuple[str, str, str]:
         """(train features, test features, classifier weights) of one step."""
-        return (str(feature_file(self.features, step, "train")), str(feature_file(self.features, step, "test")),
-                str(weights_file(self.features, step)))
+        train, test = (str(feature_file(self.features, step, s)) for s in ("train", "test"))
+        return train, test, str(weights_file(self.features, step))
 
 
 def model_paths(run: str, root: str = RESULTS) -> ModelPaths:

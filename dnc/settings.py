@@ -13,8 +13,8 @@ from typing import Any
 
 from dnc.theory.dnc import lambda_vector
 
-__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "ModelConfig", "required_keys", "optional_keys", "SHAPE_KEYS",
-           "DTYPES", "POOLS"]
+__all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "ModelConfig", "required_keys", "optional_keys",
+           "SHAPE_KEYS", "DTYPES", "POOLS"]
 
 DTYPES = ("float64", "float32")
 # Network settings read only by the analysis stage: changing them must not retrain.
