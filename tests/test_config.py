@@ -242,7 +242,7 @@ def test_schema_key_lists_match_the_dataclasses():
     """The schema is a second statement of the settings: its key lists must stay in step."""
     from dataclasses import fields
 
-    from dnc.config import NET_KEYS, RFM_KEYS, RUN_KEYS
+    from dnc.config import MODEL_KEYS, NET_KEYS, RFM_KEYS, RUN_KEYS
     from dnc.data import GAUSSIAN, DatasetSpec
     from dnc.dufm.compare import Tolerances
     from dnc.metrics import Convention
@@ -260,6 +260,9 @@ def test_schema_key_lists_match_the_dataclasses():
         assert set(block["defaults"]["properties"]) == {*keys, "seeds"}, section
         grid = block["experiments"]["additionalProperties"]["properties"]["grid"]
         assert set(grid["propertyNames"]["enum"]) == set(keys), section
+    models = props["models"]["properties"]
+    assert set(models["defaults"]["properties"]) == set(MODEL_KEYS)
+    assert set(models["experiments"]["additionalProperties"]["properties"]) == set(MODEL_KEYS)
     dataset = props["datasets"]["additionalProperties"]["properties"]
     assert set(dataset) == {f.name for f in fields(DatasetSpec)}
     assert set(dataset["gaussian"]["properties"]) == set(GAUSSIAN)
@@ -305,3 +308,41 @@ def test_schema_enums_match_the_choices_the_dataclasses_accept():
     assert checked == 10
     names = props["datasets"]["additionalProperties"]["properties"]["name"]["enum"]
     assert _allowed(lambda k, v: DatasetSpec(name=v), "name") == set(names)
+
+
+def _models(tmp_path, **exp):
+    from dnc.config import expand_model_runs
+
+    spec = {"model": "torchvision:resnet18", "dataset": "d", **exp}
+    return expand_model_runs({"datasets": {"d": {"name": "digits"}}, "models": {"experiments": {"m": spec}}})
+
+
+def test_model_checkpoints_and_steps_resolved_at_parse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("epoch_002.pth", "epoch_010.pth", "epoch_001.pth"):
+        (tmp_path / name).write_bytes(b"")
+    run = _models(tmp_path, checkpoints="epoch_*.pth", init=True)["m"]
+    assert run["checkpoint_files"] == [[0, ""], [1, "epoch_001.pth"], [2, "epoch_002.pth"],
+                                       [10, "epoch_010.pth"]]
+    listed = _models(tmp_path, checkpoints=["later/ck-s7-e3.pt"], step_regex=r"-s(\d+)-")["m"]
+    assert listed["checkpoint_files"] == [[7, "later/ck-s7-e3.pt"]]  # may not exist yet
+    assert _models(tmp_path, checkpoints=["run/checkpoint-500/model.safetensors"])["m"][
+        "checkpoint_files"] == [[500, "run/checkpoint-500/model.safetensors"]]
+
+
+@pytest.mark.parametrize("exp,message", [
+    ({"checkpoints": "nothing_*.pt"}, "checkpoint glob 'nothing_\\*.pt' matches no file"),
+    ({"checkpoints": ["a/epoch_1.pt", "b/epoch_1.pt"]}, "step 1 twice"),
+    ({"checkpoints": ["a/epoch_0.pt"], "init": True}, "step 0 twice"),
+    ({}, "no checkpoint"),
+    ({"checkpoints": ["final.pt"]}, "no integer in the file name"),
+    ({"init": True, "model": "keras:thing"}, "model must be torchvision"),
+    ({"init": True, "model": "python:model.py"}, "name the callable"),
+    ({"init": True, "pool": "mean"}, "pool must be one of"),
+    ({"init": True, "dataset": "nope"}, "models.experiments.m.dataset: 'nope' is not a key"),
+])
+def test_model_experiment_errors_name_the_key(tmp_path, monkeypatch, exp, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message) as e:
+        _models(tmp_path, **exp)
+    assert "models.experiments.m" in str(e.value)
