@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +32,7 @@ __all__ = [
     "read_frame",
     "write_parquet",
     "write_features",
+    "FeatureWriter",
     "read_layout",
     "read_num_classes",
     "read_metadata",
@@ -150,6 +152,122 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
+class FeatureWriter:
+    """Write a feature file (the layout of write_features) in row chunks, atomically.
+
+    Used as a context manager: rows go to a temporary sibling of path (dnc.io.atomic_path), which
+    is renamed onto path when the block ends without an exception; on an exception the temporary
+    file is removed and nothing is left at path. Chunks are buffered until a row group is full
+    (about row_group_mb megabytes of features, or row_group_rows rows), so memory holds at most
+    one row group plus one chunk, whatever the number of rows; the file streams back one row group
+    at a time (iter_feature_chunks) as a file written in one go does.
+
+    Args:
+        columns: the FeatureColumn of every feature column, in file order (their dicts become the
+            "dnc:layout" metadata).
+        dtypes: numpy dtype of the stored features, one for all columns or one per column.
+        predictions: whether each chunk carries predictions (an int32 "prediction" column).
+        metadata: further key-value metadata, stored as JSON.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        columns: Sequence[FeatureColumn],
+        dtypes: np.dtype | type | Sequence[np.dtype | type] = np.float32,
+        predictions: bool = False,
+        metadata: Mapping[str, object] | None = None,
+        row_group_rows: int | None = None,
+        row_group_mb: float = 64.0,
+    ) -> None:
+        self.path, self.columns, self.predictions = Path(path), list(columns), predictions
+        if isinstance(dtypes, (np.dtype, type, str)):
+            dtypes = [dtypes] * len(self.columns)
+        self.dtypes = [np.dtype(t) for t in dtypes]
+        if len(self.dtypes) != len(self.columns):
+            raise ValueError(f"{len(self.dtypes)} dtypes for {len(self.columns)} columns")
+        if row_group_rows is None:
+            row_bytes = sum(c.dim * t.itemsize for c, t in zip(self.columns, self.dtypes)) + 8
+            row_group_rows = max(1, int(row_group_mb * 2**20 // row_bytes))
+        self.row_group_rows = row_group_rows
+        fields = [pa.field("label", pa.int32())]
+        if predictions:
+            fields.append(pa.field("prediction", pa.int32()))
+        fields += [pa.field(c.column, pa.list_(pa.from_numpy_dtype(t), c.dim))
+                   for c, t in zip(self.columns, self.dtypes)]
+        meta = {"dnc:layout": [c.__dict__ for c in self.columns], **(metadata or {})}
+        self.schema = pa.schema(fields, metadata={k.encode(): json.dumps(v, default=str).encode()
+                                                  for k, v in meta.items()})
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._atomic = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> FeatureWriter:
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self._writer = pq.ParquetWriter(tmp, self.schema)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, labels: np.ndarray, features: Sequence[np.ndarray],
+              predictions: np.ndarray | None = None) -> None:
+        """Append b rows: labels (b,) integers, one (b, d_j) array per column (converted to the
+        column's dtype), predictions (b,) when the writer was opened with predictions=True."""
+        if self._writer is None:
+            raise RuntimeError("FeatureWriter.write outside its with-block")
+        labels = np.asarray(labels)
+        b = labels.shape[0]
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be 1-D integers, got {labels.dtype} of shape {labels.shape}")
+        if len(features) != len(self.columns):
+            raise ValueError(f"{len(features)} feature arrays for {len(self.columns)} columns")
+        if (predictions is None) == self.predictions:
+            raise ValueError("predictions must be given exactly when the writer was opened with "
+                             "predictions=True")
+        arrays = [pa.array(labels.astype(np.int32, copy=False))]
+        if predictions is not None:
+            arrays.append(pa.array(np.asarray(predictions).astype(np.int32, copy=False)))
+        for col, t, values in zip(self.columns, self.dtypes, features):
+            values = np.asarray(values)
+            if values.shape != (b, col.dim):
+                raise ValueError(f"{col.column}: expected shape ({b}, {col.dim}), got {values.shape}")
+            arrays.append(_fixed_list(values.astype(t, copy=False)))
+        self._pending.append(pa.Table.from_arrays(arrays, schema=self.schema))
+        self._pending_rows += b
+        self.rows += b
+        if self._pending_rows >= self.row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write every full row group buffered (and the rest when final)."""
+        table = pa.concat_tables(self._pending)  # zero-copy: the chunks stay where they are
+        full = (table.num_rows // self.row_group_rows) * self.row_group_rows
+        end = table.num_rows if final else full
+        if end:
+            self._writer.write_table(table.slice(0, end), row_group_size=self.row_group_rows)
+        rest = table.slice(end)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            try:
+                if exc_type is None and self._pending:
+                    self._flush(final=True)
+            finally:
+                self._writer.close()
+                self._writer, self._pending = None, []
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())  # removes the temporary file
+            raise
+        # Renames the temporary file onto path, or removes it when the block raised.
+        return bool(self._atomic.__exit__(exc_type, exc, tb))
+
+
 def write_features(
     path: str | os.PathLike,
     labels: np.ndarray,
@@ -162,27 +280,22 @@ def write_features(
     """Write per-sample features, one fixed-size-list column per representation, atomically.
 
     Args:
-        labels: (N,) integer labels. columns: (FeatureColumn, (N, d) float array) pairs.
+        labels: (N,) integer labels. columns: (FeatureColumn, (N, d) float array) pairs, stored in
+            the array's dtype.
         predictions: optional (N,) model predictions (for NC4).
         row_group_rows: rows per row group, the unit of streaming reads; None sizes row groups
             to about row_group_mb megabytes of feature data.
+
+    The arrays already in memory are written by one FeatureWriter (same schema and metadata).
     """
     labels = np.asarray(labels)
-    arrays = {"label": pa.array(labels.astype(np.int32))}
-    if predictions is not None:
-        arrays["prediction"] = pa.array(np.asarray(predictions).astype(np.int32))
     for col, values in columns:
         if values.shape != (labels.shape[0], col.dim):
             raise ValueError(f"{col.column}: expected shape ({labels.shape[0]}, {col.dim}), "
                              f"got {values.shape}")
-        arrays[col.column] = _fixed_list(values)
-    if row_group_rows is None:
-        row_bytes = sum(v.shape[1] * v.itemsize for _, v in columns) + 8
-        row_group_rows = max(1, int(row_group_mb * 2**20 // row_bytes))
-    layout = [col.__dict__ for col, _ in columns]
-    table = _with_metadata(pa.table(arrays), {"dnc:layout": layout, **(metadata or {})})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_rows)
+    with FeatureWriter(path, [c for c, _ in columns], [np.asarray(v).dtype for _, v in columns],
+                       predictions is not None, metadata, row_group_rows, row_group_mb) as w:
+        w.write(labels, [v for _, v in columns], predictions)
 
 
 def read_layout(path: str | os.PathLike) -> list[FeatureColumn]:
@@ -245,14 +358,19 @@ def _ints(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return arr.to_numpy()
 
 
-def write_weights(path: str | os.PathLike, weights: list[np.ndarray],
+def write_weights(path: str | os.PathLike, weights: Sequence[np.ndarray] | Mapping[int, np.ndarray],
                   metadata: Mapping[str, object] | None = None) -> None:
-    """Store W_1..W_L: one row per layer with its shape and row-major values (float64)."""
+    """Store weight matrices: one row per layer index with its shape and row-major values (float64).
+
+    weights: W_1..W_L as a list (layer indices 1..L), or a mapping {layer index: W} (e.g. only the
+    classifier of a model, under the index of its input's feature column); empty: a table with the
+    columns and no rows (read_weights gives {})."""
+    items = sorted(weights.items()) if isinstance(weights, Mapping) else list(enumerate(weights, 1))
     table = pa.table({
-        "layer": pa.array(list(range(1, len(weights) + 1)), pa.int32()),
-        "rows": pa.array([w.shape[0] for w in weights], pa.int32()),
-        "cols": pa.array([w.shape[1] for w in weights], pa.int32()),
-        "values": pa.array([np.asarray(w, np.float64).reshape(-1) for w in weights],
+        "layer": pa.array([int(l) for l, _ in items], pa.int32()),
+        "rows": pa.array([w.shape[0] for _, w in items], pa.int32()),
+        "cols": pa.array([w.shape[1] for _, w in items], pa.int32()),
+        "values": pa.array([np.asarray(w, np.float64).reshape(-1) for _, w in items],
                            pa.list_(pa.float64())),
     })
     with atomic_path(path) as tmp:

@@ -36,6 +36,8 @@ __all__ = [
     "REPRESENTATIONS",
     "ANALYSIS_REPRESENTATIONS",
     "RFM_REPRESENTATIONS",
+    "MODEL_REPRESENTATIONS",
+    "model_column",
 ]
 
 # The one vocabulary of representation names, as they appear in the `representation` column of
@@ -46,6 +48,10 @@ REPRESENTATIONS = ("input", "pre", "post", "output")  # DUFM runs and network he
 ANALYSIS_REPRESENTATIONS = ("input", "svd", "layer", "agop")
 # Per layer of Deep RFM (dnc.rfm.deep): X_l, X_l S_l and the feature map's output.
 RFM_REPRESENTATIONS = ("input", "projected", "mapped")
+# Per chosen layer of a model measured from its checkpoints (dnc.models.extract): the output of a
+# graph node (torchvision.models.feature_extraction names), pooled; the node name itself is kept
+# in the feature file's metadata "dnc:nodes", since it does not fit a column name.
+MODEL_REPRESENTATIONS = ("node",)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,8 @@ def column_name(layer: int, representation: str, vocabulary: tuple[str, ...] = R
     """'l{layer}_{representation}', e.g. column_name(2, 'post') == 'l2_post'.
 
     vocabulary: the representation names allowed (REPRESENTATIONS for DUFM and network feature
-    files, RFM_REPRESENTATIONS for Deep RFM feature files)."""
+    files, RFM_REPRESENTATIONS for Deep RFM feature files, MODEL_REPRESENTATIONS for the feature
+    files of a model measured from its checkpoints)."""
     if representation not in vocabulary:
         raise ValueError(f"representation must be one of {vocabulary}, got {representation!r}")
     return f"l{layer}_{representation}"
@@ -99,6 +106,14 @@ def rfm_column(layer: int, representation: str, dim: int) -> FeatureColumn:
     """The FeatureColumn of a Deep RFM layer's representation (RFM_REPRESENTATIONS; no weight acts
     on it): rfm_column(3, 'mapped', 512).column == 'l3_mapped'."""
     return FeatureColumn(column_name(layer, representation, RFM_REPRESENTATIONS), layer, representation, dim)
+
+
+def model_column(layer: int, dim: int, weight: int | None = None) -> FeatureColumn:
+    """The FeatureColumn of the layer-th chosen node of a model (1-based position in its layer
+    list; MODEL_REPRESENTATIONS): model_column(3, 512, weight=3).column == 'l3_node'. weight is the
+    index under which the weights file holds the matrix acting on these features (the classifier's,
+    for the classifier's input), else None."""
+    return FeatureColumn(column_name(layer, "node", MODEL_REPRESENTATIONS), layer, "node", dim, weight)
 
 
 def dufm_columns(L: int) -> list[tuple[int, str]]:
