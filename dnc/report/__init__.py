@@ -1,5 +1,5 @@
 """The aggregated report: page shell (page.py), tidy summary (summary.py), claims table
-(claims.py), one module per section (dufm.py, networks.py, ...), runs that did not finish or
+(claims.py), one module per section (dufm.py, networks.py, models.py, ...), runs that did not finish or
 diverged (status.py), build_report assembling them and write_report reading its input files and
 writing the summary and the page."""
 
@@ -14,36 +14,45 @@ from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
 from dnc.report.dufm import render_dufm_section
 from dnc.report.lowrank import render_lowrank_section
+from dnc.report.models import model_claims, render_model_section
 from dnc.report.networks import nc5_claims, render_network_section
 from dnc.report.page import esc, page, table
 from dnc.report.rfm import render_rfm_section, rfm_claims
 from dnc.report.status import available_inputs, diverged_ids, missing_runs, render_diverged, render_missing
-from dnc.report.summary import config_frame, net_config_frame, summary_table
+from dnc.report.summary import config_frame, model_config_frame, net_config_frame, summary_table
 
 __all__ = ["build_report", "write_report", "claims_table", "config_frame", "net_config_frame",
-           "summary_table"]
+           "model_config_frame", "summary_table"]
 
 TITLE = "dnc report: deep neural collapse against theory"
 
 
 def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, pd.DataFrame],
-                 configfiles: list[str], missing: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+                 configfiles: list[str], missing: pd.DataFrame | None = None, *,
+                 model_runs: dict | None = None) -> tuple[pd.DataFrame, str]:
     """The summary table and the HTML page.
 
     Args:
         runs, net_runs, rfm_runs: resolved DUFM, network and Deep RFM runs (dnc.config).
         tables: concatenated inputs keyed histories, metrics, comparisons, verdicts, net_histories,
             net_metrics, net_comparisons, net_verdicts, rfm_metrics, rfm_layers (empty frames where
-            a kind has no run).
+            a kind has no run), and model_metrics (may be absent: no model experiment).
         configfiles: the config files of this run, named on the page.
         missing: runs that did not finish (status.missing_runs): left out, listed at the top.
+        model_runs: model experiments (experiment name = run id -> settings; config `models:`).
+            None or empty: the page and summary are exactly those of a config without them.
     """
     missing = missing if missing is not None else pd.DataFrame(columns=["run", "missing"])
+    model_runs = model_runs or {}
     kinds = {**dict.fromkeys(runs, "dufm"), **dict.fromkeys(net_runs, "network"),
-             **dict.fromkeys(rfm_runs, "rfm")}
+             **dict.fromkeys(rfm_runs, "rfm"), **dict.fromkeys(model_runs, "model")}
     gone = set(missing["run"])
-    runs, net_runs, rfm_runs = ({r: s for r, s in x.items() if r not in gone}
-                                for x in (runs, net_runs, rfm_runs))
+    runs, net_runs, rfm_runs, model_runs = ({r: s for r, s in x.items() if r not in gone}
+                                            for x in (runs, net_runs, rfm_runs, model_runs))
+    # Only the model experiments of this config: rows of any other run are not shown.
+    model_metrics = tables.get("model_metrics", pd.DataFrame())
+    model_metrics = (model_metrics[model_metrics["run"].isin(model_runs)] if model_runs and len(model_metrics)
+                     else model_metrics if model_runs else pd.DataFrame())
     all_config, all_net_config = config_frame(runs), net_config_frame(net_runs)
     rfm_config = net_config_frame(rfm_runs)
     # Diverged runs are listed on their own; sections, claims, figures and the summary show the others.
@@ -60,17 +69,21 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
                          .assign(kind="network"))
     if not rfm_config.empty:
         summaries.append(summary_table(rfm_config, tables["rfm_metrics"]).assign(kind="rfm"))
+    if model_runs:
+        summaries.append(summary_table(model_config_frame(model_runs), model_metrics).assign(kind="model"))
     claims = claims_table(config, tables["verdicts"], net_config, tables["net_verdicts"])
     extra = rfm_claims(rfm_config, tables["rfm_metrics"]) + (
         analysis_claims(tables["analyses"]) if not tables["analyses"].empty else []) + (
-        nc5_claims(tables["net_metrics"]) if not tables["net_metrics"].empty else [])
+        nc5_claims(tables["net_metrics"]) if not tables["net_metrics"].empty else []) + (
+        model_claims(model_runs, model_metrics) if model_runs else [])
     claims = pd.concat([claims, pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"],
                                                         r["evidence"]) for r in extra])], ignore_index=True)
-    conventions = sorted({c for key in ("metrics", "net_metrics", "rfm_metrics")
-                          if "convention" in tables[key] for c in tables[key]["convention"]})
+    conventions = sorted({c for t in (tables["metrics"], tables["net_metrics"], tables["rfm_metrics"],
+                                      model_metrics) if "convention" in t for c in t["convention"]})
+    models = f", {len(model_runs)} model experiments" if model_runs else ""
     parts.append(f"<p class='note'>Config: {esc(', '.join(configfiles) or 'config/config.yaml')}; "
                  f"{len(all_config)} DUFM runs, {len(all_net_config)} network runs, {len(rfm_config)} "
-                 f"Deep RFM runs ({len(diverged)} diverged). Metric convention: "
+                 f"Deep RFM runs{models} ({len(diverged)} diverged). Metric convention: "
                  f"<code>{esc('; '.join(conventions))}</code> (docs/metrics.md).</p>")
     parts += ["<h2>Claims tested by this run</h2>",
               table(claims, verdict_col="verdict", code_col="code",
@@ -87,6 +100,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))
         parts.append(render_analysis_section(tables["analyses"]))
+    if model_runs:
+        parts.append(render_model_section(model_runs, model_metrics))
     if not rfm_config.empty:
         parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"]))
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
@@ -95,13 +110,15 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
 
 def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict, rfm_runs: dict,
                  configfiles: list[str], summary_path: str, html_path: str,
-                 partial: bool = False) -> pd.DataFrame:
+                 partial: bool = False, *, model_runs: dict | None = None) -> pd.DataFrame:
     """Read the report's input files, build it and write summary_path and html_path atomically.
 
     Args:
-        inputs: input key (histories, metrics, ...; see build_report) -> per-run files.
+        inputs: input key (histories, metrics, ..., model_metrics; see build_report) -> per-run
+            files (model_metrics: results/metrics/<experiment>/metrics.parquet; may be absent).
         partial: build from the runs whose files all exist and list the others (after a failed
             `--keep-going` run); otherwise every file must exist.
+        model_runs: model experiments (see build_report).
 
     Returns:
         The missing runs (run, missing files); empty unless partial.
@@ -110,7 +127,8 @@ def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict
     files = available_inputs(inputs, missing)
     tables = {key: pd.concat([read_frame(f) for f in fs], ignore_index=True) if fs else pd.DataFrame()
               for key, fs in files.items()}
-    summary, html = build_report(runs, net_runs, rfm_runs, tables, configfiles, missing)
+    summary, html = build_report(runs, net_runs, rfm_runs, tables, configfiles, missing,
+                                 model_runs=model_runs)
     write_parquet(summary, summary_path)
     with atomic_path(html_path) as tmp:
         tmp.write_text(html, encoding="utf-8")

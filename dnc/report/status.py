@@ -2,9 +2,11 @@
 report, built after a failed `snakemake --keep-going`) and DUFM runs that diverged.
 
 A partial report is built from the files that exist: a run is missing when any of the report's
-input files of that run is absent (its job failed or never ran). Missing runs are left out of every
-table, figure and claim and listed at the top of the page, with the files that are absent, so that
-nobody reads a grid with holes as a complete one.
+input files of that run is absent (its job failed or never ran). The run is the file's folder
+(results/<stage>/<run>/<file>), for every kind: a model experiment's metrics file
+results/metrics/<experiment>/metrics.parquet (input key model_metrics) names the experiment.
+Missing runs are left out of every table, figure and claim and listed at the top of the page, with
+the files that are absent, so that nobody reads a grid with holes as a complete one.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def available_inputs(inputs: Mapping[str, Sequence[str]], missing: pd.DataFrame)
 
 
 def render_missing(missing: pd.DataFrame, kinds: Mapping[str, str]) -> str:
-    """The warning that opens a partial report; kinds maps run id -> dufm / network / rfm."""
+    """The warning that opens a partial report; kinds maps run id -> dufm / network / rfm / model."""
     if missing.empty:
         return ""
     rows = missing.assign(kind=[kinds.get(r, "") for r in missing["run"]])[["run", "kind", "missing"]]

@@ -3,6 +3,7 @@ query answers "how does NC1 at layer 3 depend on lambda" (docs/schemas.md)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -10,7 +11,12 @@ import pandas as pd
 
 from dnc.theory import lambda_vector
 
-__all__ = ["config_frame", "net_config_frame", "summary_table"]
+__all__ = ["config_frame", "net_config_frame", "model_config_frame", "summary_table", "MODEL_CONFIG_COLUMNS"]
+
+# Settings of a model experiment carried into the summary (checkpoint paths, batch size and
+# max_width are how it was run, not what was measured).
+MODEL_CONFIG_COLUMNS = ["model", "kwargs", "dataset", "layers", "classifier", "pool", "init", "seed",
+                        "experiment"]
 
 
 def config_frame(runs: Mapping[str, Mapping]) -> pd.DataFrame:
@@ -53,3 +59,22 @@ def net_config_frame(runs: Mapping[str, Mapping]) -> pd.DataFrame:
                 if isinstance(v, list | tuple) else v
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _text(v: object) -> object:
+    """A list as comma-separated text, a dict as JSON with sorted keys; scalars and None as they are."""
+    if isinstance(v, Mapping):
+        return json.dumps(dict(v), sort_keys=True, default=str)
+    if isinstance(v, list | tuple):
+        return ",".join(map(str, v))
+    return v
+
+
+def model_config_frame(runs: Mapping[str, Mapping]) -> pd.DataFrame:
+    """One row per model experiment (run id = experiment name): run and MODEL_CONFIG_COLUMNS, with
+    kwargs as JSON text, layers as comma-separated node names (or "auto") and pool as its name or,
+    per layer, JSON text."""
+    rows = [{"run": rid, **{k: (json.dumps(dict(s.get(k) or {}), sort_keys=True, default=str) if k == "kwargs"
+                                else _text(s.get(k))) for k in MODEL_CONFIG_COLUMNS}}
+            for rid, s in runs.items()]
+    return pd.DataFrame(rows, columns=["run", *MODEL_CONFIG_COLUMNS])
