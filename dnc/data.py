@@ -301,7 +301,8 @@ def sample_shape(spec: DatasetSpec) -> tuple[int, ...] | None:
     folder (C, H, W) of its first image after the transform.
 
     None when the arrays file or the folder's train/ does not exist (yet: another rule of the
-    workflow may write it); the caller then skips its shape check.
+    workflow may write it); the caller then skips its shape check. A source that exists but cannot
+    be used (no x_train, no images) raises BadInputError naming it.
     """
     if spec.name == "gaussian":
         return 1, int(spec.gaussian["dim"])
@@ -312,7 +313,9 @@ def sample_shape(spec: DatasetSpec) -> tuple[int, ...] | None:
         if not os.path.isdir(train):
             return None
         first = _first_image(train)
-        return _folder_shape(spec, first) if first is not None else None
+        if first is None:
+            _list_folder(train)  # raises, naming the folder: it holds no images
+        return _folder_shape(spec, first)
     return SAMPLE_SHAPES[spec.name]
 
 

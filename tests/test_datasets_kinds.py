@@ -262,6 +262,8 @@ def test_folder_errors_name_the_folder_and_the_problem(tmp_path):
         (tmp_path / "txt" / "train" / c / "notes.txt").write_text("x")
     with pytest.raises(BadInputError, match=r"txt/train: no images in any of its class folders \['cat'"):
         load(name="folder", root=str(tmp_path / "txt"))
+    with pytest.raises(BadInputError, match=r"txt/train: no images"):  # at parse time too
+        sample_shape(DatasetSpec("folder", root=str(tmp_path / "txt")))
     write_image(tmp_path / "txt" / "train" / "cat" / "1.png", rng)
     with pytest.raises(BadInputError, match=r"txt/train: class folder\(s\) \['dog'\] hold no images"):
         load(name="folder", root=str(tmp_path / "txt"))
