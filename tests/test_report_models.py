@@ -239,3 +239,36 @@ def test_a_missing_model_run_is_left_out_and_listed(no_png, tmp_path):
     assert re.search(r"<td>gone</td><td>model</td>", html)
     assert set(summary.loc[summary["kind"] == "model", "run"]) == {"cnn"}
     assert "gone: no metrics rows" not in html  # left out, not shown empty
+
+
+def test_write_report_reads_model_metrics_and_builds_a_partial_report(no_png, tmp_path):
+    from dnc.io import write_parquet
+    from dnc.report import write_report
+
+    rfm_runs, tables = _report_inputs()
+    res = tmp_path / "results"
+    files = {"rfm_metrics": (res / "metrics/rfm-a/metrics.parquet", tables["rfm_metrics"]),
+             "rfm_layers": (res / "rfm/rfm-a/layers.parquet", tables["rfm_layers"]),
+             "model_metrics": (res / "metrics/cnn/metrics.parquet", model_metrics("cnn", [0, 3], 4))}
+    inputs = {k: [] for k in tables}
+    for key, (path, frame) in files.items():
+        path.parent.mkdir(parents=True)
+        write_parquet(frame, path)
+        inputs[key] = [str(path)]
+    inputs["model_metrics"].append(str(res / "metrics/late/metrics.parquet"))  # not run
+    out = tmp_path / "report"
+    model_runs = {"cnn": settings("cnn", [0, 3]), "late": settings("late", [0, 3])}
+    missing = write_report(inputs, {}, {}, rfm_runs, [], str(out / "s.parquet"), str(out / "i.html"),
+                           partial=True, model_runs=model_runs)
+    assert list(missing["run"]) == ["late"]
+    summary = pd.read_parquet(out / "s.parquet")
+    assert set(summary.loc[summary["kind"] == "model", "run"]) == {"cnn"}
+    html = (out / "i.html").read_text()
+    assert "<h3>cnn</h3>" in html and "<h3>late</h3>" not in html
+    # without the key (a config before model experiments): the same page as with an empty list
+    del inputs["model_metrics"]
+    write_report(inputs, {}, {}, rfm_runs, [], str(out / "a.parquet"), str(out / "a.html"))
+    inputs["model_metrics"] = []
+    write_report(inputs, {}, {}, rfm_runs, [], str(out / "b.parquet"), str(out / "b.html"), model_runs={})
+    assert (out / "a.html").read_bytes() == (out / "b.html").read_bytes()
+    assert (out / "a.parquet").read_bytes() == (out / "b.parquet").read_bytes()
