@@ -33,6 +33,7 @@ from dnc.metrics.formulas import (
     means_metrics,
     pinv_trace,
     spectra,
+    unit_roundoff,
 )
 from dnc.metrics.pairwise import row_tiles
 
@@ -62,19 +63,25 @@ class ResidualAccumulator:
     NC4 costs no extra projection; with the classifier weight, its decisions argmax_k w_k^T h
     give nc4_classifier and classifier_error without stored predictions. Both decisions cost
     O(K min(K, d)) per sample and are skipped above Convention.ncc_max_classes. Optionally the
-    d x d scatter r^T r (spectra).
+    d x d scatter r^T r (spectra). Per feature j it also sums r_ij^2 and r_ij^2 / n_{y_i}: with
+    the means they give the RMS q_j of each feature that scales the precision floor of the rank
+    cutoff of Sigma_B^+ (docs/metrics.md section 3, "The cutoffs").
 
     Args:
         means: pass-1 state. convention: metric conventions. name: for error messages.
         weight: optional (d_out, d) weight acting on these features (NC3 family in compute()).
         classifier: whether weight maps these features to the logits (None: when d_out equals
             the number of labels); the classifier decisions need it.
+        unit_roundoff: u of the precision the features were measured in, when coarser than the
+            dtype of the chunks (float32 features handed over as float64); the coarsest of this,
+            pass 1's and the chunks' dtype is used.
     """
 
     def __init__(self, means: ClassMeans, convention: Convention = Convention(),
                  name: str = "layer", weight: torch.Tensor | np.ndarray | None = None,
-                 classifier: bool | None = None) -> None:
+                 classifier: bool | None = None, unit_roundoff: float | None = None) -> None:
         self.means, self.conv, self.name = means, convention, name
+        self.unit_roundoff = max(means.unit_roundoff, unit_roundoff or 0.0)
         K, d, dev = means.K, means.M.shape[0], means.M.device
         self.geo = MeansGeometry.of(means, convention)
         self.Q = self.geo.Q  # (d, q)
@@ -85,6 +92,9 @@ class ResidualAccumulator:
         self.col[means.classes] = torch.arange(K, device=dev)
         self.Mt = means.M.T.contiguous()  # (K, d)
         self.ss = torch.zeros(K, dtype=ACC, device=dev)
+        self.inv_n = 1 / means.counts.to(ACC)  # (K,)
+        self.sq = torch.zeros(d, dtype=ACC, device=dev)  # sum_i r_ij^2
+        self.sq_bal = torch.zeros(d, dtype=ACC, device=dev)  # sum_i r_ij^2 / n_{y_i}
         self.C = torch.zeros(self.Q.shape[1], self.Q.shape[1], dtype=ACC, device=dev)
         self.ncc = convention.ncc_enabled(K)
         self.ncc_wrong = 0
@@ -121,6 +131,7 @@ class ResidualAccumulator:
         if bool((c < 0).any()):
             raise ValueError(f"{self.name!r}: pass 2 saw a label absent in pass 1")
         pred = None if predictions is None else to_tensor(predictions, H.device).long()
+        self.unit_roundoff = max(self.unit_roundoff, unit_roundoff(H.dtype))
         ss_before = self.ss.sum()
         for i, j in row_blocks(H):
             cb = c[i:j]
@@ -140,7 +151,12 @@ class ResidualAccumulator:
             self.C.addmm_(P.T, P)
             if self.scatter is not None:
                 self.scatter.addmm_(R.T, R)  # (d, d)
-            self.ss.index_add_(0, cb, torch.linalg.vector_norm(R, dim=1).square_())
+            # Squared residuals into the gather buffer, whose means are spent: per row (the
+            # class sums of squares) and per feature (the RMS scales of the rank cutoff).
+            R2 = torch.mul(R, R, out=self._gather.get(j - i, H))
+            self.ss.index_add_(0, cb, R2.sum(1))
+            self.sq += R2.sum(0)
+            self.sq_bal.addmv_(R2.T, self.inv_n[cb])
             if self.ncc:
                 # Without the means' logits (K x num_labels too large) the classifier reads h:
                 # an exact float64 copy in the gather buffer, whose means are spent.
@@ -183,15 +199,22 @@ class ResidualAccumulator:
         out: dict[str, float] = {"num_samples": float(N), "num_classes": float(K)}
         tr_W = float(self.ss.sum()) / N
         Mc = self.geo.Mc  # (d, K)
+        w = m.counts.to(ACC) / N  # (K,)
+        # Precision floor of the rank cutoff (docs/metrics.md section 3): c u times the RMS q_j
+        # of each stored feature, weighted as the class means are in each Sigma_B, from
+        # (1/n_k) sum_{y_i=k} h_ij^2 = mu_jk^2 + (1/n_k) sum_{y_i=k} r_ij^2.
+        floor = conv.rank_roundoff * self.unit_roundoff
+        M2 = m.M.square()  # (d, K)
+        q_classes = ((M2.sum(1) + self.sq_bal) / K).sqrt()  # (d,) classes weighted 1/K
+        q_samples = (M2 @ w + self.sq / N).sqrt()  # (d,) samples weighted 1/N
         # Sigma_B = (1/K) Mc Mc^T: D = Mc / sqrt(K).
-        tr, rank = pinv_trace(self.C, self.Q, Mc / math.sqrt(K), conv.rank_rtol)
+        tr, rank = pinv_trace(self.C, self.Q, Mc / math.sqrt(K), conv.rank_rtol, q_classes, floor)
         out["nc1_pinv"] = tr / N / K
         out["rank_sigma_B"] = float(rank)
         # He & Su: tr(Sigma_W Sigma^_B^+), Sigma^_B = (1/N) sum_k n_k (mu_k - mu)(mu_k - mu)^T
         # with the sample mean mu; equals K nc1_pinv for balanced classes.
-        w = m.counts.to(ACC) / N
         Ds = (m.M - (m.M @ w)[:, None]) * w.sqrt()  # (d, K)
-        out["he_su_D"] = pinv_trace(self.C, self.Q, Ds, conv.rank_rtol)[0] / N
+        out["he_su_D"] = pinv_trace(self.C, self.Q, Ds, conv.rank_rtol, q_samples, floor)[0] / N
         tr_B = float((Mc**2).sum()) / K
         out["tr_sigma_W"] = tr_W
         out["tr_sigma_B"] = tr_B
@@ -222,18 +245,22 @@ def metrics_from_chunks(
     name: str = "layer",
     device: torch.device | str = "cpu",
     classifier: bool | None = None,
+    feature_dtype: torch.dtype | np.dtype | None = None,
 ) -> dict[str, float]:
     """Two streaming passes over chunks (features (b, d), labels (b,)[, predictions (b,)]).
 
     chunks is a zero-argument callable returning a fresh iterator (it is called twice).
     classifier: whether weight maps the features to the logits (None: when it has num_classes
-    rows); see ResidualAccumulator.
+    rows); see ResidualAccumulator. feature_dtype: the dtype the features were measured in (a
+    feature file's column type), when coarser than the chunks'; it sets the precision floor of
+    the rank cutoff (docs/metrics.md section 3).
     """
     acc = ClassMeanAccumulator(num_classes, dim, device=device, name=name)
     for ch in chunks():
         acc.accumulate(ch[0], ch[1])
     res = ResidualAccumulator(acc.compute(), convention, name=name, weight=weight,
-                              classifier=classifier)
+                              classifier=classifier,
+                              unit_roundoff=None if feature_dtype is None else unit_roundoff(feature_dtype))
     for ch in chunks():
         res.accumulate(ch[0], ch[1], ch[2] if len(ch) > 2 else None)
     return res.compute()
@@ -248,6 +275,7 @@ def layer_metrics(
     name: str = "layer",
     classifier: bool | None = None,
     num_classes: int | None = None,
+    feature_dtype: torch.dtype | np.dtype | None = None,
 ) -> dict[str, float]:
     """All metrics of one layer from in-memory features.
 
@@ -262,6 +290,10 @@ def layer_metrics(
             equal the number of labels); adds nc3_etf, nc3_dual_cos_mean, nc3_uniform_duality,
             nc4_classifier and classifier_error.
         num_classes: number of label ids (default: largest label + 1).
+        feature_dtype: the dtype the features were computed in, when they are handed over in a
+            finer one (float32 network features cast to float64); default: features.dtype. Its
+            unit roundoff sets the precision floor of the rank cutoff of Sigma_B^+ (docs/metrics.md
+            section 3), so float32 rounding is never inverted as a between-class direction.
 
     Returns:
         Mapping metric name -> float with at least nc1_pinv, nc1_trace, cdnv, nc2_etf,
@@ -276,4 +308,4 @@ def layer_metrics(
     K = num_classes if num_classes is not None else (int(y.max()) + 1 if y.numel() else 0)
     chunk = [(H, y) if predictions is None else (H, y, predictions)]
     return metrics_from_chunks(lambda: iter(chunk), K, H.shape[1], weight, conv, name, H.device,
-                               classifier)
+                               classifier, feature_dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dnc.metrics.formulas import ACC, ClassMeans
+from dnc.metrics.formulas import ACC, ClassMeans, unit_roundoff
 
 __all__ = ["ClassMeanAccumulator", "check_finite", "check_chunk", "to_tensor", "row_blocks", "WorkBuffer",
            "BLOCK_ELEMENTS"]
@@ -76,7 +76,9 @@ def check_chunk(H: torch.Tensor, y: torch.Tensor, K: int, d: int, name: str) -> 
 class ClassMeanAccumulator:
     """Pass 1: per-class counts and float64 sums.
 
-    accumulate(features (b, d), labels (b,)) any number of times, then compute() -> ClassMeans.
+    accumulate(features (b, d), labels (b,)) any number of times, then compute() -> ClassMeans,
+    which also records the unit roundoff of the coarsest feature dtype seen (float32 chunks of a
+    feature file: 2^-24), the precision the rank cutoff of Sigma_B^+ follows.
     """
 
     def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu",
@@ -86,6 +88,7 @@ class ClassMeanAccumulator:
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(num_classes, dim, dtype=ACC, device=self.device)
         self.rows = 0
+        self.unit_roundoff = unit_roundoff(ACC)
         self._work = WorkBuffer()
 
     def accumulate(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
@@ -93,6 +96,7 @@ class ClassMeanAccumulator:
         H = to_tensor(features, self.device)
         y = to_tensor(labels, self.device).long()
         check_chunk(H, y, self.K, self.d, self.name)
+        self.unit_roundoff = max(self.unit_roundoff, unit_roundoff(H.dtype))
         self.counts += torch.bincount(y, minlength=self.K)
         for i, j in row_blocks(H):
             X = self._work.get(j - i, H)
@@ -114,4 +118,5 @@ class ClassMeanAccumulator:
             counts=self.counts[present],
             M=(self.sums[present] / self.counts[present, None].to(ACC)).T.contiguous(),  # (d, K)
             num_labels=self.K,
+            unit_roundoff=self.unit_roundoff,
         )

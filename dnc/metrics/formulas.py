@@ -11,13 +11,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dnc.metrics.pairwise import PairSweep
 
-__all__ = ["Convention", "ClassMeans", "MeansGeometry", "pinv_trace", "cdnv", "means_metrics", "spectra"]
+__all__ = ["Convention", "ClassMeans", "MeansGeometry", "pinv_trace", "cdnv", "means_metrics", "spectra",
+           "unit_roundoff"]
 
 ACC = torch.float64
+
+
+def unit_roundoff(dtype: torch.dtype | np.dtype | type) -> float:
+    """u of the floating dtype (torch or NumPy) features were stored in: half the machine epsilon
+    (2^-24 for float32, 2^-53 for float64), never below float64's, in which everything is
+    accumulated."""
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else float(np.finfo(dtype).eps)
+    return max(eps, torch.finfo(ACC).eps) / 2
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,11 @@ class Convention:
         global_mean: "classes" (mean of class means; Papyan et al.) or "samples" (sample mean).
         rank_rtol: singular values of the centred means below rank_rtol * s_max are treated as
             zero when forming Sigma_B^+ (the reported rank_sigma_B says how many were kept).
+        rank_roundoff: c of the precision floor of the same cutoff: a direction v of the centred
+            means is also dropped when its singular value is below c u sum_j |v_j| q_j, u the unit
+            roundoff of the features' dtype and q_j the RMS of feature j (docs/metrics.md section
+            3, "The cutoffs"): float32 features cannot resolve directions below their rounding.
+            0 restores the purely relative cutoff.
         means_rank_rtol: threshold of the numerical rank of M (docs/metrics.md; 1e-3 as in
             Súkeník et al. 2024).
         spectra: also accumulate the d x d within-class scatter for the Sigma_W spectrum and the
@@ -44,6 +59,7 @@ class Convention:
 
     global_mean: str = "classes"
     rank_rtol: float = 1e-10
+    rank_roundoff: float = 64.0
     means_rank_rtol: float = 1e-3
     spectra: bool = False
     cdnv_exponent: float = 2.0
@@ -53,6 +69,9 @@ class Convention:
     def __post_init__(self) -> None:
         if self.global_mean not in ("classes", "samples"):
             raise ValueError(f"global_mean must be 'classes' or 'samples', got {self.global_mean!r}")
+        if self.rank_rtol < 0 or self.rank_roundoff < 0:
+            raise ValueError(f"rank_rtol and rank_roundoff must be >= 0, got {self.rank_rtol}, "
+                             f"{self.rank_roundoff}")
         if self.ncc_max_classes is not None and self.ncc_max_classes < 0:
             raise ValueError(f"ncc_max_classes must be >= 0 or None, got {self.ncc_max_classes}")
 
@@ -69,19 +88,22 @@ class Convention:
         riesz = "d-2" if self.riesz_s is None else f"{self.riesz_s:g}"
         return (
             f"muG={self.global_mean};SigmaW=1/N;nc1_pinv=/K;cdnv=sq;nc3=papyan-unsquared;"
-            f"rank_rtol={self.rank_rtol:g};means_rank_rtol={self.means_rank_rtol:g};"
+            f"rank_rtol={self.rank_rtol:g};rank_roundoff={self.rank_roundoff:g}u;"
+            f"means_rank_rtol={self.means_rank_rtol:g};"
             f"cdnv_exp={self.cdnv_exponent:g};riesz_s={riesz}"
         )
 
 
 @dataclass
 class ClassMeans:
-    """Reduced pass-1 state. M is (d, K) over the K classes present; classes maps to label ids."""
+    """Reduced pass-1 state. M is (d, K) over the K classes present; classes maps to label ids;
+    unit_roundoff is u of the coarsest dtype the features came in (unit_roundoff())."""
 
     classes: torch.Tensor  # (K,) int64 label id of each column of M
     counts: torch.Tensor  # (K,) int64
     M: torch.Tensor  # (d, K) float64
     num_labels: int
+    unit_roundoff: float = 2.0**-53
 
     @property
     def K(self) -> int:
@@ -131,17 +153,25 @@ class MeansGeometry:
         return cls(Mc=Mc, s=s, Q=U[:, keep])
 
 
-def pinv_trace(C: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, rtol: float) -> tuple[float, int]:
+def pinv_trace(C: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, rtol: float,
+               scale: torch.Tensor | None = None, floor: float = 0.0) -> tuple[float, int]:
     """tr(S B^+) for S = Q C Q^T (within scatter restricted to span Q) and B = D D^T.
 
     Q (d, q) is an orthonormal basis of the span of the class means, C (q, q) = sum_i
     (Q^T r_i)(Q^T r_i)^T, and D (d, K) are weighted centred means lying in span Q. A thin SVD of D
-    (float64) gives B's non-zero eigenvalues s^2 (kept above rtol * s_max in s) and eigenvectors V,
-    so B^+ = V diag(s^-2) V^T and tr(S B^+) = ||diag(1/s) V^T Q C^{1/2}||^2 = tr(A C A^T) with
-    A = diag(1/s) V^T Q. Returns the trace and the rank kept.
+    (float64) gives B's non-zero eigenvalues s^2 and eigenvectors V, so B^+ = V diag(s^-2) V^T and
+    tr(S B^+) = ||diag(1/s) V^T Q C^{1/2}||^2 = tr(A C A^T) with A = diag(1/s) V^T Q.
+
+    Direction i is kept when s_i > rtol * s_1 and s_i > floor * sum_j |V_ji| scale_j: scale (d,)
+    is the RMS of each feature under the weights of D, and floor = c u, so the second test drops
+    the directions that the rounding of the stored features (relative u per entry) can create
+    (docs/metrics.md section 3, "The cutoffs"). Returns the trace and the rank kept.
     """
-    V, s, _ = torch.linalg.svd(D, full_matrices=False)  # V (d, K), s (K,)
+    V, s, _ = torch.linalg.svd(D, full_matrices=False)  # V (d, m), s (m,), m = min(d, K)
     keep = s > rtol * s[0] if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    if scale is not None and floor > 0:
+        # Rounding noise along a unit v is at most u sum_j |v_j| q_j (docs/metrics.md); O(d m).
+        keep &= s > floor * (V.abs().T @ scale)
     A = (V[:, keep].T @ Q) / s[keep][:, None]  # (r, q)
     return float(torch.einsum("rq,qp,rp->", A, C, A)), int(keep.sum())
 

@@ -91,14 +91,18 @@ def feature_file_metrics(
         def stream(col=col):
             return torch_chunks(path, col.column, batch_rows, dev)
 
-        nbytes = open_parquet(path).metadata.num_rows * col.dim * _itemsize(path, col.column)
+        dtype = _dtype(path, col.column)
+        nbytes = open_parquet(path).metadata.num_rows * col.dim * dtype.itemsize
         chunks = _Replay(stream) if nbytes <= cache_mb * 2**20 else stream
 
         name = f"{os.fspath(path)}:{col.column}"
+        # The column's stored dtype (float32 for network features, float64 for DUFM runs) sets
+        # the precision floor of the rank cutoff of Sigma_B^+ (docs/metrics.md section 3).
         values = metrics_from_chunks(chunks, num_classes, col.dim,
                                      None if W is None else torch.from_numpy(W).to(dev),
                                      convention, name, dev,
-                                     classifier=None if W is None else col.weight == last)
+                                     classifier=None if W is None else col.weight == last,
+                                     feature_dtype=dtype)
         frames.append(pd.DataFrame({"layer": col.layer, "representation": col.representation,
                                     "metric": list(values), "value": list(values.values())}))
     table = pd.concat(frames, ignore_index=True)
@@ -190,8 +194,9 @@ class _Replay:
         return first()
 
 
-def _itemsize(path, column: str) -> int:
-    return open_parquet(path).schema_arrow.field(column).type.value_type.bit_width // 8
+def _dtype(path, column: str) -> np.dtype:
+    """NumPy dtype of the values of a fixed-size-list feature column (from the schema alone)."""
+    return np.dtype(open_parquet(path).schema_arrow.field(column).type.value_type.to_pandas_dtype())
 
 
 def _meta(path, key: str, default):
