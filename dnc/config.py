@@ -235,12 +235,14 @@ def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for rid, s in runs.items():
         where = f"networks.experiments.{s['experiment']} (run {rid})"
         shape = sample_shape(DatasetSpec(**specs[s["dataset"]]))
+        if shape is None:  # its file does not exist yet (another rule writes it): checked later
+            continue
         if s["arch"] in IMAGE_ARCHS and len(shape) != 3:
             raise ConfigError(f"{where}: arch {s['arch']!r} takes image samples (C, H, W), but dataset "
                               f"{s['dataset']!r} has samples of shape {shape}; use arch mlp or plain")
         if s.get("ood_dataset") is not None:
             ood = sample_shape(DatasetSpec(**specs[s["ood_dataset"]]))
-            if ood != shape:
+            if ood is not None and ood != shape:
                 raise ConfigError(f"{where}: ood_dataset {s['ood_dataset']!r} has samples of shape {ood}, "
                                   f"dataset {s['dataset']!r} of shape {shape}; they must match")
     return runs

@@ -6,6 +6,7 @@ import re
 import dnc
 from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_tolerances,
                         expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
+from dnc.data import DatasetSpec, source_paths
 from dnc.models.files import model_source_file
 from dnc.paths import dataset_path, example_paths, model_paths, net_paths, report_paths, rfm_paths, run_paths
 from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
@@ -128,9 +129,10 @@ def model_step_files(wildcards):
 
 
 def dataset_inputs(wildcards):
-    """An arrays dataset's file, which another rule (an example's training) may write."""
-    spec = DATASETS[wildcards.dataset]
-    return [spec["path"]] if spec.get("name") == "arrays" and spec.get("path") else []
+    """The files a dataset is read from (an arrays dataset's .npz, which another rule such as an
+    example's training may write; an image folder's train/ and test/), so that changing them
+    reruns its preparation."""
+    return source_paths(DatasetSpec(**DATASETS[wildcards.dataset]))
 
 
 def per_run(field, runs, paths):
