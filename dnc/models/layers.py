@@ -102,8 +102,11 @@ class Probe:
         return _resolve(name, self.nodes) if self.traced else (name if name in self.shapes else None)
 
 
-def _sample_shape(t: object) -> tuple[int, ...] | None:
-    return tuple(t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
+def _sample_shape(t: object, batch: int) -> tuple[int, ...] | None:
+    """Per-sample shape of a node's output: None unless it is a tensor with one row per sample and
+    at least one dimension per sample (leaving out parameters, sizes and per-sample scalars)."""
+    ok = isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == batch
+    return tuple(t.shape[1:]) if ok else None
 
 
 def probe_model(model: nn.Module, x: torch.Tensor, classifier: str | None = None) -> Probe:
@@ -125,9 +128,11 @@ def probe_model(model: nn.Module, x: torch.Tensor, classifier: str | None = None
             try:
                 return _probe_traced(model, x, nodes, fed)
             except Exception as e:  # a graph that traces but does not run: hooks, as if untraced
-                log.warning("the traced graph of %s fails (%s: %s); using forward hooks instead",
-                            type(model).__name__, type(e).__name__, e)
                 fed.clear()
+                probe = _probe_hooks(model, x, fed)  # raises the model's own error on bad input
+                log.warning("the traced graph of %s fails (%s: %s) where the model runs; using "
+                            "forward hooks instead", type(model).__name__, type(e).__name__, e)
+                return probe
         return _probe_hooks(model, x, fed)
     finally:
         if hook is not None:
@@ -140,7 +145,7 @@ def _probe_traced(model: nn.Module, x: torch.Tensor, nodes: list[str], fed: dict
     extractor = create_feature_extractor(model, {n: n for n in nodes}, suppress_diff_warning=True).eval()
     with torch.inference_mode():
         outs = extractor(x)
-    shapes = {n: s for n, v in outs.items() if (s := _sample_shape(v)) is not None}
+    shapes = {n: s for n, v in outs.items() if (s := _sample_shape(v, len(x))) is not None}
     order = [n for n in nodes if n in shapes]
     # The classifier's input: the last node before the classifier holding that exact tensor
     # (an eval-mode dropout returns its input, so fc_norm and head_drop can both hold it).
@@ -148,7 +153,7 @@ def _probe_traced(model: nn.Module, x: torch.Tensor, nodes: list[str], fed: dict
     if "x" in fed:
         cin = next((n for n in reversed(order) if outs[n] is fed["x"]), None)
     last = nodes[-1]
-    return Probe(order, shapes, True, last, _sample_shape(outs.get(last)), cin)
+    return Probe(order, shapes, True, last, _sample_shape(outs.get(last), len(x)), cin)
 
 
 def _probe_hooks(model: nn.Module, x: torch.Tensor, fed: dict) -> Probe:
@@ -168,11 +173,12 @@ def _probe_hooks(model: nn.Module, x: torch.Tensor, fed: dict) -> Probe:
     finally:
         for h in handles:
             h.remove()
-    shapes = {n: _sample_shape(v) for n, v in outs.items()}
+    shapes = {n: s for n, v in outs.items() if (s := _sample_shape(v, len(x))) is not None}
+    order = [n for n in outs if n in shapes]
     cin = None
     if "x" in fed:
-        cin = next((n for n in reversed(list(outs)) if outs[n] is fed["x"]), None)
-    return Probe(list(outs), shapes, False, None, _sample_shape(y), cin)
+        cin = next((n for n in reversed(order) if outs[n] is fed["x"]), None)
+    return Probe(order, shapes, False, None, _sample_shape(y, len(x)), cin)
 
 
 def example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
