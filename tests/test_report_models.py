@@ -272,3 +272,16 @@ def test_write_report_reads_model_metrics_and_builds_a_partial_report(no_png, tm
     write_report(inputs, {}, {}, rfm_runs, [], str(out / "b.parquet"), str(out / "b.html"), model_runs={})
     assert (out / "a.html").read_bytes() == (out / "b.html").read_bytes()
     assert (out / "a.parquet").read_bytes() == (out / "b.parquet").read_bytes()
+
+
+def test_nc1_claim_reads_the_classifier_input_not_the_logits():
+    m = model_metrics("m", [0, 9], 5, rho=[0.1, 0.5])  # NC1 at layer 5 falls over training
+    m = m[~(m["metric"].isin(["nc3", "accuracy"]))]
+    fed = m[(m["layer"] == 3) & (m["metric"] == "nc1_pinv")].assign(metric="accuracy", value=0.5)
+    logits = (m["layer"] == 5) & (m["metric"] == "nc1_pinv") & (m["step"] == 9)
+    m = pd.concat([m.assign(value=np.where(logits, 1e3, m["value"])), fed], ignore_index=True)
+    c = _claim(models.model_claims({"m": settings("m", [0, 9])}, m), "NC1 falls")
+    assert c["code"] == "holds" and "nc1_pinv at layer3.block.relu" in c["evidence"]
+    no_clf = m[m["metric"] != "accuracy"]  # no classifier: the last chosen layer, whose NC1 rose
+    c = _claim(models.model_claims({"m": settings("m", [0, 9])}, no_clf), "NC1 falls")
+    assert c["code"] == "does_not_hold" and "nc1_pinv at flatten" in c["evidence"]

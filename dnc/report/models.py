@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from dnc.layout import MODEL_REPRESENTATIONS
 from dnc.report.claims import claim_code
 from dnc.report.helpers import pick
 from dnc.report.page import FLOOR, esc, img, plt, png, table
@@ -36,6 +37,7 @@ MAX_CHECKPOINT_LINES = 20  # checkpoints drawn per depth panel (evenly thinned, 
 MAX_TICKS = 40  # node names written under a depth axis (evenly thinned beyond)
 LAST_LAYERS = 3  # the last layers whose NC1 is drawn over training
 NC1, NC2, NC3, D, ACC = "nc1_pinv", "nc2_etf", "nc3", "he_su_D", "accuracy"
+NODE = MODEL_REPRESENTATIONS[0]  # the one representation of a model layer
 HE_SU = "He & Su 2023"
 PAPYAN = "Papyan, Han & Donoho 2020"
 
@@ -62,7 +64,7 @@ def node_names(metrics: pd.DataFrame, run: str, settings: Mapping | None = None)
 def model_fits(metrics: pd.DataFrame) -> pd.DataFrame:
     """The He-Su fit per (run, step, split) (dnc.theory.separation.separation_fit over the "node"
     rows) with the checkpoint's accuracy (NaN without a classifier), sorted by run, split, step."""
-    fit = separation_fit(metrics, D, representation="node")
+    fit = separation_fit(metrics, D, representation=NODE)
     acc = metrics[metrics["metric"] == ACC].groupby(["run", "step", "split"], as_index=False)["value"].first()
     fit = fit.merge(acc.rename(columns={"value": ACC}), on=["run", "step", "split"], how="left")
     if ACC not in fit:
@@ -76,11 +78,14 @@ def _last_train_fit(fits: pd.DataFrame, run: str) -> pd.Series | None:
 
 
 def _nc1_first_last(metrics: pd.DataFrame, run: str) -> tuple[int, dict[int, float]] | None:
-    """The last layer with NC1 (train) and its NC1 per step; None without any NC1 row."""
+    """The layer of the last-layer features (the classifier's input, the layer with nc3 or
+    accuracy rows; without a classifier the last chosen layer) and its NC1 per step (train); None
+    without any NC1 row."""
     m = _select(metrics, run, NC1)
     if m.empty:
         return None
-    layer = int(m["layer"].max())
+    fed = metrics.loc[(metrics["run"] == run) & metrics["metric"].isin([NC3, ACC]), "layer"]
+    layer = int(fed.max() if len(fed) else m["layer"].max())
     return layer, m[m["layer"] == layer].groupby("step")["value"].first().sort_index().to_dict()
 
 
@@ -90,8 +95,9 @@ def model_claims(model_runs: Mapping[str, Mapping], metrics: pd.DataFrame) -> li
     - He & Su's law, per experiment at its last checkpoint on the train split: holds when the
       Pearson correlation of log D with the layer is at most HE_SU_MAX_CORR; experiments with
       fewer than three usable layers (no fit) do not test it;
-    - NC1 falls over training at the last layer (Papyan et al.): per experiment with two or more
-      checkpoints, nc1_pinv of its last layer at the last checkpoint below the first's.
+    - NC1 falls over training at the last layer (Papyan et al.: the features the classifier
+      reads; the last chosen layer without a classifier): per experiment with two or more
+      checkpoints, nc1_pinv there at the last checkpoint below the first's (train split).
     """
     runs = [r for r in model_runs if r in set(metrics["run"])] if "run" in metrics else []
     fits = model_fits(metrics[metrics["run"].isin(runs)]) if runs else pd.DataFrame(
@@ -122,8 +128,8 @@ def model_claims(model_runs: Mapping[str, Mapping], metrics: pd.DataFrame) -> li
         falls += [rid] if b < a else []
         ev.append(f"{rid}: nc1_pinv at {node_names(metrics, rid, model_runs[rid]).get(layer, layer)} "
                   f"{a:.3g} -> {b:.3g} (steps {s0} -> {s1})")
-    out.append({"claim": "NC1 falls over training at the last layer (nc1_pinv at the last checkpoint "
-                         "below the first)",
+    out.append({"claim": "NC1 falls over training at the last layer (the classifier's input, else the "
+                         "last chosen layer; nc1_pinv at the last checkpoint below the first)",
                 "source": PAPYAN, "runs": trends, "code": claim_code(len(falls), len(trends)),
                 "evidence": "; ".join(ev) or "no model experiment with two or more checkpoints"})
     return out
@@ -166,14 +172,18 @@ def _per_checkpoint(ax, m: pd.DataFrame, steps: list[int], colour) -> None:
                     marker="o", ms=2.5, lw=1.1)
 
 
-def _over_steps(ax, m: pd.DataFrame, label) -> None:
-    """m (layer, step, split, value) over steps: a colour per layer, train solid, test dashed."""
+def _over_steps(ax, m: pd.DataFrame, label, log: bool = True) -> None:
+    """m (layer, step, split, value) over steps: a colour per layer, train solid, test dashed;
+    log: a log y axis (NC1 spans decades; NC3 stays within [0, 2])."""
     for i, (layer, g) in enumerate(m.groupby("layer")):
         for split, ls in (("train", "-"), ("test", "--")):
             h = g[g["split"] == split].sort_values("step")
             if len(h):
-                ax.semilogy(h["step"], np.maximum(h["value"].to_numpy(float), FLOOR), color=f"C{i}",
-                            ls=ls, marker="o", ms=2.5, label=f"{label(layer)} {split}")
+                y = h["value"].to_numpy(float)
+                ax.plot(h["step"], np.maximum(y, FLOOR) if log else y, color=f"C{i}", ls=ls, marker="o",
+                        ms=2.5, label=f"{label(layer)} {split}")
+    if log:
+        ax.set_yscale("log")
 
 
 def _he_su_panel(ax, metrics: pd.DataFrame, fits: pd.DataFrame, run: str, names: dict[int, str]) -> None:
@@ -186,7 +196,7 @@ def _he_su_panel(ax, metrics: pd.DataFrame, fits: pd.DataFrame, run: str, names:
     title = []
     for step, split, colour, ls in shown:
         d = _select(metrics, run, D, split)
-        d = d[(d["step"] == step) & (d["representation"] == "node")].sort_values("layer")
+        d = d[(d["step"] == step) & (d["representation"] == NODE)].sort_values("layer")
         r = f[(f["step"] == step) & (f["split"] == split)]
         if d.empty or r.empty:
             continue
@@ -230,7 +240,7 @@ def model_figure(run: str, settings: Mapping, metrics: pd.DataFrame, fits: pd.Da
         ax["C"].set(ylabel=NC3, title="NC3 (nc3) per layer, train")
         _depth_axis(ax["C"], names)
     elif len(nc3):
-        _over_steps(ax["C"], nc3, lambda layer: names.get(layer, str(layer)))
+        _over_steps(ax["C"], nc3, lambda layer: names.get(layer, str(layer)), log=False)
         at = names.get(int(nc3["layer"].iloc[0]))
         ax["C"].set(xlabel="step", ylabel=NC3, title=f"NC3 (nc3) over training at {at}")
         ax["C"].legend(fontsize=6)
