@@ -63,13 +63,14 @@ def node_names(metrics: pd.DataFrame, run: str, settings: Mapping | None = None)
 
 def model_fits(metrics: pd.DataFrame) -> pd.DataFrame:
     """The He-Su fit per (run, step, split) (dnc.theory.separation.separation_fit over the "node"
-    rows) with the checkpoint's accuracy (NaN without a classifier), sorted by run, split, step."""
+    rows) with the checkpoint's accuracy (NaN without a classifier), sorted by run, split (train
+    first), step."""
     fit = separation_fit(metrics, D, representation=NODE)
     acc = metrics[metrics["metric"] == ACC].groupby(["run", "step", "split"], as_index=False)["value"].first()
     fit = fit.merge(acc.rename(columns={"value": ACC}), on=["run", "step", "split"], how="left")
     if ACC not in fit:
         fit[ACC] = np.nan
-    return fit.sort_values(["run", "split", "step"], ignore_index=True)
+    return fit.sort_values(["run", "split", "step"], ascending=[True, False, True], ignore_index=True)
 
 
 def _last_train_fit(fits: pd.DataFrame, run: str) -> pd.Series | None:
