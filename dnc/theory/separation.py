@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dnc.layout import MODEL_REPRESENTATIONS
+
 __all__ = ["SEPARATION_COLUMNS", "MIN_LAYERS", "separation_fit"]
 
 SEPARATION_COLUMNS = ["run", "step", "split", "layers", "skipped", "rho", "ratio", "corr", "intercept"]
@@ -19,7 +21,7 @@ _KEYS = ["run", "step", "split"]
 
 
 def separation_fit(metrics: pd.DataFrame, metric: str = "he_su_D",
-                   representation: str | None = "node") -> pd.DataFrame:
+                   representation: str | None = MODEL_REPRESENTATIONS[0]) -> pd.DataFrame:
     """Least-squares fit of log D_l = intercept - rho * l per (run, step, split).
 
     Args:
