@@ -159,7 +159,8 @@ def build_partial_report():
     inputs = {key: list(report_rule.input[key]) for key in report_rule.input.keys()}
     try:
         missing = write_report(inputs, RUNS, NET_RUNS, RFM_RUNS, [str(f) for f in workflow.configfiles],
-                               REPORT.partial_summary, REPORT.partial_html, partial=True)
+                               REPORT.partial_summary, REPORT.partial_html, partial=True,
+                               model_runs=MODEL_RUNS)
     except Exception as e:  # the failed jobs are the error to report; this is a convenience
         logger.warning(f"could not build a partial report: {type(e).__name__}: {e}")
         return

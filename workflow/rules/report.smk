@@ -11,6 +11,7 @@ rule build_report:
         analyses=per_run("analysis", NET_RUNS, net_paths),
         rfm_metrics=per_run("metrics", RFM_RUNS, rfm_paths),
         rfm_layers=per_run("layers", RFM_RUNS, rfm_paths),
+        model_metrics=per_run("metrics", MODEL_RUNS, model_paths),
     output:
         summary=report(REPORT.summary, caption="../report/summary.rst", category="Report"),
         html=report(REPORT.html, caption="../report/index.rst", category="Report"),
@@ -22,6 +23,7 @@ rule build_report:
         runs=RUNS,
         net_runs=NET_RUNS,
         rfm_runs=RFM_RUNS,
+        model_runs=MODEL_RUNS,
         configfiles=[str(f) for f in workflow.configfiles],
         # the stale partial report of an earlier failed invocation, removed once this one is built
         partial=[REPORT.partial_summary, REPORT.partial_html],
