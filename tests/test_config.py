@@ -120,13 +120,13 @@ def test_docs_config_states_every_default_as_defined():
     from dnc.dufm.compare import Tolerances
     from dnc.metrics import Convention
     from dnc.nets.compare import NETWORK_TOLERANCES
-    from dnc.settings import DUFMConfig, NetConfig, RFMConfig, optional_keys
+    from dnc.settings import DUFMConfig, ModelConfig, NetConfig, RFMConfig, optional_keys
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     for cls, prefix in ((DUFMConfig, ""), (NetConfig, ""), (RFMConfig, ""), (DatasetSpec, ""),
-                        (Convention, "convention."), (Tolerances, "")):
+                        (Convention, "convention."), (Tolerances, ""), (ModelConfig, "")):
         for key, value in optional_keys(cls).items():
-            if key in ("seed", "device") and cls is not DatasetSpec:
+            if key in ("seed", "device") and cls not in (DatasetSpec, ModelConfig) or key == "device":
                 continue
             assert f"| `{prefix}{key}` | `{_doc_value(value)}` |" in doc, (cls.__name__, key, value)
     for key, value in NETWORK_TOLERANCES.items():
