@@ -61,6 +61,7 @@ def speed(args, device) -> dict:
     X, y = data(args.n)
     bare(model, X[: args.batch], args.batch, device)  # warm-up (allocator, kernels)
     times = {"forward": [], "extract": []}
+    loads = []  # 1-minute load average after each pair: other jobs on the 2 shared cores show here
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             sync(device)
@@ -72,13 +73,21 @@ def speed(args, device) -> dict:
             extract(model, X, y, "avg", args.batch, device, Path(tmp))
             sync(device)
             times["extract"].append(time.perf_counter() - t0)
-            print(f"forward {times['forward'][-1]:.2f} s, extract {times['extract'][-1]:.2f} s", flush=True)
+            loads.append(os.getloadavg()[0])
+            print(f"forward {times['forward'][-1]:.2f} s, extract {times['extract'][-1]:.2f} s, "
+                  f"load {loads[-1]:.2f}", flush=True)
         size = (Path(tmp) / "epoch1_train.parquet").stat().st_size
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Each pair ran back to back, so its ratio sees the same background load; the ratio of the
+    # medians can mix a quiet forward with a disturbed extraction.
+    pairs = [e / f for f, e in zip(times["forward"], times["extract"])]
     return {"n": args.n, "batch": args.batch, "layers": LAYERS, "pool": "avg", "repeats": args.repeats,
-            "forward_s": times["forward"], "extract_s": times["extract"],
+            "forward_s": times["forward"], "extract_s": times["extract"], "load_1min": loads,
             "forward_median_s": med["forward"], "extract_median_s": med["extract"],
-            "ratio": med["extract"] / med["forward"], "feature_file_mb": size / 2**20}
+            "ratio": med["extract"] / med["forward"], "pair_ratios": pairs,
+            "pair_ratio_median": statistics.median(pairs),
+            "ratio_of_fastest": min(times["extract"]) / min(times["forward"]),
+            "feature_file_mb": size / 2**20}
 
 
 def child(args) -> None:
