@@ -13,7 +13,7 @@ STAMP := $(VENV)/.dnc-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,data,cluster]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,data,cluster,models]"
 	touch $@
 
 run: $(STAMP)

@@ -206,7 +206,8 @@ def test_layers_of_resnet18(resnet):
     assert name == "fc" and fc is resnet.fc
     auto = resolve_layers(resnet, "auto", "fc", (3, 32, 32))
     assert auto == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                    "avgpool", "flatten", "fc"]
+                    "avgpool", "flatten"]  # not the logits: the classifier's output is no feature layer
+    assert resolve_layers(resnet, "auto", None, (3, 32, 32))[-1] == "fc"  # without a classifier it is a block
     assert resolve_layers(resnet, ["layer2.0.add", "layer3"], "fc", (3, 32, 32)) == ["layer2.0.add", "layer3"]
 
 
@@ -223,12 +224,12 @@ def test_custom_model_auto_and_untraceable_fallback(tmp_path):
     model = build_model(f"python:{write_module(tmp_path, 'mynet.py', CUSTOM)}:make")
     assert find_classifier(model)[0] == "head"
     # ModuleList blocks stand for their children; the unused Linear produces nothing.
-    assert resolve_layers(model, "auto", "head", (1, 5, 5)) == ["stem", "blocks.0", "blocks.1", "relu_1",
-                                                                    "head"]
+    assert resolve_layers(model, "auto", "head", (1, 5, 5)) == ["stem", "blocks.0", "blocks.1", "relu_1"]
     branchy = build_model(f"python:{write_module(tmp_path, 'branchy.py', BRANCHY)}:Branchy")
     assert node_names(branchy) == ["a", "b"]  # module names: tracing fails on the `if`
     assert list_layers(branchy, (6,)) == [("a", (8,)), ("b", (3,))]
-    assert resolve_layers(branchy, "auto", "b", (6,)) == ["a", "b"]
+    assert resolve_layers(branchy, "auto", "b", (6,)) == ["a"]  # b is the classifier
+    assert resolve_layers(branchy, "auto", None, (6,)) == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------- pooling and widths

@@ -268,10 +268,15 @@ def _prefixes(node: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _auto(model: nn.Module, probe: Probe) -> list[str]:
-    """The output of each top-level block, plus the classifier's input, in forward order."""
+def _auto(model: nn.Module, probe: Probe, classifier: str | None = None) -> list[str]:
+    """The output of each top-level block, plus the classifier's input, in forward order. The
+    classifier's own output (the logits) is left out: it is the model's decision, not a feature
+    layer (K columns, a class-mean rank of at most K - 1), and it would dominate a depth trend such
+    as He & Su's; name it in `layers` to measure it."""
     chosen: dict[str, str] = {}  # node -> layer name
     for block in _blocks(model):
+        if classifier is not None and block == classifier:
+            continue
         node = probe.resolve(block)
         if node is not None and node not in chosen:  # a block never called produces nothing
             chosen[node] = block
@@ -300,7 +305,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str], classifier: st
     if isinstance(layers, str):
         if layers != "auto":
             raise LayerError(f"layers must be 'auto' or a list of node names, got {layers!r}")
-        return _auto(model, probe)
+        return _auto(model, probe, classifier)
     if not layers:
         raise LayerError("layers is empty: give node names or 'auto'")
     return list(_check_names(layers, probe))
