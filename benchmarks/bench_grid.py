@@ -70,7 +70,7 @@ def main() -> None:
     wd = Path(args.workdir)
     shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True)
-    for name in ("Snakefile", "workflow", "scripts", "config"):
+    for name in ("Snakefile", "workflow", "scripts", "config", "examples"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / name)
     (wd / "grid.yaml").write_text(yaml.safe_dump(grid_config(args.runs, args.batch, args.steps)))

@@ -50,7 +50,7 @@ TINY = {
 
 
 def workdir_copy(tmp: Path) -> Path:
-    for name in ("Snakefile", "workflow", "scripts", "config"):
+    for name in ("Snakefile", "workflow", "scripts", "config", "examples"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
     return tmp
