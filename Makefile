@@ -1,26 +1,33 @@
 # make run: the default pipeline (config/config.yaml) -> results/report/index.html
-# make test: the test suite. Both create .venv and install everything on first use.
+# make test: the test suite. Both create .venv and install what they need on first use.
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= all
 # torch 2.14.1 / torchvision 0.29.1: installed first so pip never resolves another torch build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
+# Each target installs what it needs: the pipeline (RUN_STAMP), then the test, SLURM and timm
+# extras on top for the tests, lint and cluster runs (STAMP).
+RUN_STAMP := $(VENV)/.dnc-run-installed
 STAMP := $(VENV)/.dnc-installed
 
 .PHONY: run test lint dry-run slurm clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[data]"
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,data,cluster,models]"
 	touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --workflow-profile none $(ARGS)
 	@echo "report: $(CURDIR)/results/report/index.html"
 
-dry-run: $(STAMP)
+dry-run: $(RUN_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake -n --workflow-profile none $(ARGS)
 
 slurm: $(STAMP)

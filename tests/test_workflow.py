@@ -78,9 +78,14 @@ def planned_jobs(wd: Path, config: dict) -> set[tuple[str, str]]:
     return jobs
 
 
-def stage_jobs(batch: str, stages=("train", "measure")) -> set[tuple[str, str]]:
-    """The jobs of a DUFM batch: training, then metrics and theory of its runs."""
-    return {(f"dufm_{stage}_" + re.sub(r"\W", "_", batch), "") for stage in stages}
+def train_job(batch: str) -> tuple[str, str]:
+    """The training job of a DUFM batch."""
+    return ("dufm_train_" + re.sub(r"\W", "_", batch), "")
+
+
+def measure_job(experiment: str) -> tuple[str, str]:
+    """The job that measures a DUFM experiment's runs and compares them with theory."""
+    return ("dufm_measure_" + experiment, "")
 
 
 REPORT = {("build_report", ""), ("all", "")}
@@ -159,7 +164,7 @@ def test_nothing_to_do_after_a_full_run(finished):
 def test_changing_one_setting_reruns_only_its_run(finished):
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"]["other"]["lambda"] = 0.006
-    assert planned_jobs(finished, cfg) == stage_jobs("other-s0") | REPORT
+    assert planned_jobs(finished, cfg) == {train_job("other-s0"), measure_job("other")} | REPORT
 
 
 def _reordered(value):
@@ -185,9 +190,7 @@ def test_metric_setting_reruns_measurement_never_training(finished, tmp_path):
     shutil.copytree(finished, wd)  # copy2 keeps the mtimes that Snakemake compares
     cfg = copy.deepcopy(TINY)
     cfg["metrics"] = {"convention": {"global_mean": "samples"}}
-    measure = {job for b in ("scan-lambda0.005-s0", "scan-lambda0.01-s0", "other-s0")
-               for job in stage_jobs(b, ("measure",))}
-    assert planned_jobs(wd, cfg) == measure | REPORT | {
+    assert planned_jobs(wd, cfg) == {measure_job("scan"), measure_job("other")} | REPORT | {
         ("compute_metrics", "net-s0"), ("compare_network", "net-s0"), ("analyze_network", "net-s0"),
         ("deep_rfm", "rfm-agopTrue-s0"), ("deep_rfm", "rfm-agopFalse-s0")}
     trained = sorted([*wd.glob("results/dufm/*/*.parquet"), *wd.glob("results/nets/*/*.parquet"),
@@ -205,13 +208,13 @@ def test_metric_setting_reruns_measurement_never_training(finished, tmp_path):
 def test_changing_one_grid_value_trains_only_that_point(finished):
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"]["scan"]["grid"]["lambda"] = [0.005, 0.02]
-    assert planned_jobs(finished, cfg) == stage_jobs("scan-lambda0.02-s0") | REPORT
+    assert planned_jobs(finished, cfg) == {train_job("scan-lambda0.02-s0"), measure_job("scan")} | REPORT
 
 
 def test_adding_a_seed_trains_only_the_new_run(finished):
     cfg = copy.deepcopy(TINY)
     cfg["dufm"]["experiments"]["other"]["seeds"] = [0, 1]
-    assert planned_jobs(finished, cfg) == stage_jobs("other-s1") | REPORT
+    assert planned_jobs(finished, cfg) == {train_job("other-s1"), measure_job("other")} | REPORT
 
 
 @pytest.mark.parametrize(
@@ -333,7 +336,8 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
     n_dufm = 10 * (3 + 4)
     batch_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_train_"))
-    assert batch_jobs == sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_measure_"))
+    measure_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_measure_"))
+    assert measure_jobs == len(paper["dufm"]["experiments"])  # one per experiment
     assert counts["prepare_dataset"] == "5" and counts["train_network"] == "3"
     assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1))  # seeds x (mnist, svhn, cifar cos, cifar relu)
     assert batch_jobs == n_dufm // 10 and counts["compare_network"] == "3"  # batches of 10 runs

@@ -18,6 +18,9 @@ try:
     MODEL_RUNS = expand_model_runs(config)
     DATASETS = dataset_specs(config)
     DUFM_BATCHES = dufm_batches(config, RUNS)
+    DUFM_EXPERIMENTS = {}  # experiment -> its run ids, in run order
+    for _run, _settings in RUNS.items():
+        DUFM_EXPERIMENTS.setdefault(_settings["experiment"], []).append(_run)
     DUFM_TOLERANCES = dufm_tolerances(config, RUNS)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
@@ -52,7 +55,7 @@ EXAMPLES = config.get("examples") or {}
 
 
 def batch_rule_name(stage, batch):
-    """Rule names are identifiers: dufm_<stage>_<batch id with other characters as _>."""
+    """Rule names are identifiers: dufm_<stage>_<batch id or experiment, other characters as _>."""
     return f"dufm_{stage}_" + re.sub(r"\W", "_", batch)
 
 
