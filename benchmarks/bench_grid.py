@@ -93,7 +93,8 @@ def main() -> None:
     html_mb = (wd / "results/report/index.html").stat().st_size / 2**20
 
     result = {"machine": machine(), "runs": args.runs, "batch": args.batch, "steps": args.steps,
-              "jobs": args.runs // args.batch + 2,  # a training job per batch, measuring, report
+              # training jobs, measuring jobs (100 runs each), the report
+              "jobs": args.runs // args.batch + -(-args.runs // 100) + 1,
               "cores": args.cores, "pipeline_s": round(pipeline, 1),
               "report_s": round(report, 1), "report_peak_rss_mb": round(peak_mb),
               "html_mb": round(html_mb, 2), "load_after": [round(x, 2) for x in load]}

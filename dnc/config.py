@@ -36,9 +36,9 @@ from dnc.settings import (
     required_keys,
 )
 
-__all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_tolerances",
-           "expand_dufm_runs", "expand_model_runs", "expand_network_runs", "expand_rfm_runs",
-           "format_value"]
+__all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_measure_groups",
+           "dufm_tolerances", "expand_dufm_runs", "expand_model_runs", "expand_network_runs",
+           "expand_rfm_runs", "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
@@ -289,6 +289,30 @@ def dufm_batches(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]
             bid = chunk[0] if size == 1 else f"{exp}-{shape}-b{i // size}"
             batches[bid] = chunk
     return batches
+
+
+# Runs measured by one dufm_measure job at most. Fewer jobs cost less (each starts Python and torch,
+# about 2-3 s here), but Snakemake records every input with every output of a job, so a job's
+# bookkeeping grows with inputs x outputs: one job measuring 1,000 runs (3,000 inputs, 3,000
+# outputs) spent 6 minutes in Snakemake after its 46 s of work (benchmarks/README.md).
+MEASURE_RUNS = 100
+
+
+def dufm_measure_groups(batches: Mapping[str, list[str]], runs: Mapping[str, Mapping[str, Any]],
+                        size: int = MEASURE_RUNS) -> dict[str, list[str]]:
+    """Measure group id -> run ids measured by one job: an experiment's batches, in order, merged
+    while the group holds at most size runs (a larger batch is a group of its own). The id is the
+    experiment's name when it has one group, else ``<experiment>-m<i>``."""
+    groups: dict[str, list[list[str]]] = {}
+    for members in batches.values():
+        exp = runs[members[0]]["experiment"]
+        chunks = groups.setdefault(exp, [])
+        if chunks and len(chunks[-1]) + len(members) <= size:
+            chunks[-1].extend(members)
+        else:
+            chunks.append(list(members))
+    return {(exp if len(chunks) == 1 else f"{exp}-m{i}"): chunk
+            for exp, chunks in groups.items() for i, chunk in enumerate(chunks)}
 
 
 def expand_model_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -154,6 +154,23 @@ def test_batches_group_runs_of_one_shape_in_run_order():
         assert len({runs[r]["width"] for r in members}) == 1
 
 
+def test_measure_groups_merge_an_experiments_batches_up_to_a_size():
+    from dnc.config import dufm_batches, dufm_measure_groups
+
+    cfg = {"dufm": {"defaults": {**DEFAULTS, "batch": 1},
+                    "experiments": {"scan": {"batch": 3, "seeds": [0, 1, 2, 3], "grid": {"width": [8, 16]}},
+                                    "one": {}}}}
+    runs = expand_dufm_runs(cfg)
+    batches = dufm_batches(cfg, runs)  # scan: two shapes, batches of 3 + 1 per shape
+    groups = dufm_measure_groups(batches, runs, size=4)
+    assert groups["one"] == ["one-s0"]
+    scan = {g: r for g, r in groups.items() if g.startswith("scan")}
+    assert sorted(scan) == ["scan-m0", "scan-m1"] and all(len(r) == 4 for r in scan.values())
+    assert sorted(r for rs in groups.values() for r in rs) == sorted(runs)  # every run once
+    assert dufm_measure_groups(batches, runs, size=100)["scan"] == [r for r in runs if r.startswith("scan")]
+    assert len(dufm_measure_groups(batches, runs, size=1)) == len(batches)  # a batch is never split
+
+
 def test_experiment_tolerances_override_the_theory_section():
     from dnc.config import dufm_tolerances, expand_dufm_runs
 

@@ -4,8 +4,8 @@ import os
 import re
 
 import dnc
-from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_tolerances,
-                        expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
+from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_measure_groups,
+                        dufm_tolerances, expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
 from dnc.data import DatasetSpec, source_paths
 from dnc.models.files import model_source_file
 from dnc.paths import dataset_path, example_paths, model_paths, net_paths, report_paths, rfm_paths, run_paths
@@ -18,9 +18,7 @@ try:
     MODEL_RUNS = expand_model_runs(config)
     DATASETS = dataset_specs(config)
     DUFM_BATCHES = dufm_batches(config, RUNS)
-    DUFM_EXPERIMENTS = {}  # experiment -> its run ids, in run order
-    for _run, _settings in RUNS.items():
-        DUFM_EXPERIMENTS.setdefault(_settings["experiment"], []).append(_run)
+    DUFM_MEASURE = dufm_measure_groups(DUFM_BATCHES, RUNS)
     DUFM_TOLERANCES = dufm_tolerances(config, RUNS)
 except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from e
@@ -55,7 +53,7 @@ EXAMPLES = config.get("examples") or {}
 
 
 def batch_rule_name(stage, batch):
-    """Rule names are identifiers: dufm_<stage>_<batch id or experiment, other characters as _>."""
+    """Rule names are identifiers: dufm_<stage>_<batch or measure group id, other characters as _>."""
     return f"dufm_{stage}_" + re.sub(r"\W", "_", batch)
 
 
