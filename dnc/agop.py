@@ -4,10 +4,11 @@ Definitions, conventions and the meaning of every returned key are in docs/agop.
 
 - `network_agop`: (1/n) sum_i J_f(x_i)^T J_f(x_i) with K backward passes per batch.
 - `psd_sqrt`, `nfa_correlation`: the neural feature ansatz (NFA) correlation of W^T W and AGOP^{1/2}.
-- `svd_split`, `layer_split_metrics`, `stack_split_metrics`: NC1/NC2 of a bias-free Linear+ReLU
-  layer's input, of its right singular projection S V^T Phi, of its output ReLU(W Phi) and of
+- `svd_split`, `layer_split_metrics`, `stack_split_metrics`: NC1/NC2 of a Linear+ReLU layer's
+  input, of its right singular projection S V^T Phi, of its output ReLU(W Phi + b) and of
   Phi AGOP^{1/2} (the representations dnc.layout.ANALYSIS_REPRESENTATIONS); the SVD share, the NFA.
-- `rest_of_network`, `layer_agops`: each layer's input and AGOP for a bias-free Linear+ReLU stack.
+  The bias b is optional (None: the bias-free layers of the DUFM heads).
+- `rest_of_network`, `layer_agops`: each layer's input and AGOP for a Linear+ReLU stack.
 """
 
 from __future__ import annotations
@@ -115,24 +116,39 @@ def nfa_correlation(W: torch.Tensor, agop: torch.Tensor, sqrt: bool = True) -> f
     return float(a @ b) / den if den > 0 else math.nan
 
 
+def _affine(Phi64: torch.Tensor, W64: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Phi W^T (+ b): (N, d_out) float64 pre-activation of a layer, b cast to Phi's device."""
+    pre = Phi64 @ W64.T
+    if bias is None:
+        return pre
+    b = bias.detach().to(device=Phi64.device, dtype=ACC)
+    if b.shape != (W64.shape[0],):
+        raise ValueError(f"bias must have shape ({W64.shape[0]},), got {tuple(bias.shape)}")
+    return pre + b
+
+
 def svd_split(
-    W: torch.Tensor, Phi: torch.Tensor, agop: torch.Tensor | None = None
+    W: torch.Tensor, Phi: torch.Tensor, agop: torch.Tensor | None = None, bias: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Representations of one bias-free Linear+ReLU layer, split by the SVD W = U S V^T.
+    """Representations of one Linear+ReLU layer h -> ReLU(W h + b), split by the SVD W = U S V^T.
 
     Features are rows, so S V^T Phi is Phi @ V @ diag(S). U has orthonormal columns, so collapse
     metrics of Phi W^T = (Phi V S) U^T equal those of Phi V S: the step from "svd" to "layer"
-    isolates the ReLU.
+    isolates the ReLU (and, with a bias, the shift by b before it). The bias does not enter
+    S V^T Phi: NC1 and NC2 are shift-invariant (they use class means and scatter about the global
+    mean, and a constant b moves every row, every class mean and the global mean alike), so
+    Phi W^T + b and Phi W^T, hence Phi V S, have the same collapse metrics; only the ReLU sees b.
 
     Args:
         W: (d_out, d_in) weight, any float dtype.
         Phi: (N, d_in) layer input, on any device.
         agop: optional (d_in, d_in) AGOP of the network with respect to this layer's input.
+        bias: optional (d_out,) bias b; None (default) is the bias-free layer.
 
     Returns:
         float64 tensors on Phi's device, keyed by dnc.layout.ANALYSIS_REPRESENTATIONS in that order:
         "input" (N, d_in) Phi; "svd" (N, r) Phi V S with r = min(d_out, d_in); "layer" (N, d_out)
-        ReLU(Phi W^T); and, when agop is given, "agop" (N, d_in) Phi AGOP^{1/2}.
+        ReLU(Phi W^T + b); and, when agop is given, "agop" (N, d_in) Phi AGOP^{1/2}.
     """
     Phi64 = Phi.detach().to(ACC)
     W64 = W.detach().to(device=Phi.device, dtype=ACC)
@@ -140,7 +156,7 @@ def svd_split(
         raise ValueError(f"need W (d_out, d_in) and Phi (N, d_in), got {tuple(W.shape)}, {tuple(Phi.shape)}")
     _, S, Vh = torch.linalg.svd(W64, full_matrices=False)
     inp, svd, layer, agop_rep = ANALYSIS_REPRESENTATIONS
-    out = {inp: Phi64, svd: (Phi64 @ Vh.T) * S, layer: torch.relu(Phi64 @ W64.T)}
+    out = {inp: Phi64, svd: (Phi64 @ Vh.T) * S, layer: torch.relu(_affine(Phi64, W64, bias))}
     if agop is not None:
         out[agop_rep] = Phi64 @ psd_sqrt(agop.to(Phi.device))
     return out
@@ -164,12 +180,12 @@ def svd_share(nc1_input: float, nc1_projected: float, nc1_layer: float, log: boo
 
 @dataclass
 class LayerSplit:
-    """Collapse of one bias-free Linear+ReLU layer, split by the SVD (docs/agop.md, "Layer split").
+    """Collapse of one Linear+ReLU layer, split by the SVD (docs/agop.md, "Layer split").
 
     metrics: representation (svd_split's keys, in order) -> {metric: value} for SPLIT_METRICS;
     scalars: "svd_share" (log form) and "svd_share_linear" of the nc1_key form of NC1 ("nc1_trace"
     or "nc1_pinv"), and "nfa_sqrt", "nfa_plain" when the NFA was measured; output: (N, d_out)
-    float64 ReLU(Phi W^T), the next layer's input.
+    float64 ReLU(Phi W^T + b), the next layer's input.
     """
 
     metrics: dict[str, dict[str, float]]
@@ -187,7 +203,7 @@ class LayerSplit:
 def layer_split_metrics(Phi: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                         agop: torch.Tensor | None = None, nc1_key: str = "nc1_trace",
                         convention: Convention | None = None, nfa: bool = True,
-                        name: str = "layer") -> LayerSplit:
+                        name: str = "layer", bias: torch.Tensor | None = None) -> LayerSplit:
     """Collapse metrics of one layer's SVD split, its SVD shares and NFA correlations.
 
     Args:
@@ -200,10 +216,11 @@ def layer_split_metrics(Phi: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
         convention: of the collapse metrics (default Convention()).
         nfa: measure nfa_sqrt and nfa_plain when agop is given.
         name: the layer's name in error messages.
+        bias: optional (d_out,) bias: the layer is ReLU(Phi W^T + b) (svd_split); None: bias-free.
     """
     if nc1_key not in ("nc1_trace", "nc1_pinv"):
         raise ValueError(f"nc1_key must be 'nc1_trace' or 'nc1_pinv', got {nc1_key!r}")
-    reps = svd_split(W, Phi, agop)
+    reps = svd_split(W, Phi, agop, bias)
     labels = torch.as_tensor(labels)
     metrics = {}
     for rep, H in reps.items():
@@ -220,8 +237,9 @@ def layer_split_metrics(Phi: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
 
 def stack_split_metrics(Phi: torch.Tensor, weights: Sequence[torch.Tensor], labels: torch.Tensor,
                         agops: Sequence[torch.Tensor] | None = None, nc1_key: str = "nc1_trace",
-                        convention: Convention | None = None, nfa: bool = True) -> list[LayerSplit]:
-    """layer_split_metrics of every layer of a bias-free Linear+ReLU stack, in depth order.
+                        convention: Convention | None = None, nfa: bool = True,
+                        biases: Sequence[torch.Tensor | None] | None = None) -> list[LayerSplit]:
+    """layer_split_metrics of every layer of a Linear+ReLU stack, in depth order.
 
     Args:
         Phi: (N, d_0) input of the first layer; layer l's input is layer l-1's output (float64).
@@ -229,37 +247,49 @@ def stack_split_metrics(Phi: torch.Tensor, weights: Sequence[torch.Tensor], labe
         labels: (N,) integer classes.
         agops: optional AGOP_l (d_{l-1}, d_{l-1}) of each layer's input (layer_agops).
         nc1_key, convention, nfa: as in layer_split_metrics.
+        biases: optional b_1..b_m (each (d_l,) or None): layer l is ReLU(Phi W_l^T + b_l) and its
+            output, the next layer's input, includes b_l. None (default): a bias-free stack.
     """
     if agops is not None and len(agops) != len(weights):
         raise ValueError(f"{len(agops)} AGOPs for {len(weights)} layers")
+    if biases is not None and len(biases) != len(weights):
+        raise ValueError(f"{len(biases)} biases for {len(weights)} layers")
     splits: list[LayerSplit] = []
     for l, W in enumerate(weights):
         split = layer_split_metrics(Phi, W, labels, None if agops is None else agops[l], nc1_key,
-                                    convention, nfa, name=f"layer {l + 1}")
+                                    convention, nfa, name=f"layer {l + 1}",
+                                    bias=None if biases is None else biases[l])
         splits.append(split)
         Phi = split.output
     return splits
 
 
 def rest_of_network(
-    weights: Sequence[torch.Tensor], readout: Readout, layer: int
+    weights: Sequence[torch.Tensor], readout: Readout, layer: int,
+    biases: Sequence[torch.Tensor | None] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map from the input of layer `layer` (0-based) to the K outputs of a bias-free stack.
+    """The map from the input of layer `layer` (0-based) to the K outputs of a Linear+ReLU stack.
 
-    The stack is h -> ReLU(h W_l^T) for W_l in weights, then the readout: a (K, d_m) matrix
-    (h -> h R^T) or any row-wise callable. Weights are detached: the AGOP needs input gradients only.
+    The stack is h -> ReLU(h W_l^T + b_l) for W_l in weights (b_l from biases; None: no bias), then
+    the readout: a (K, d_m) matrix (h -> h R^T) or any row-wise callable. A readout bias would not
+    change any input gradient, so a matrix readout needs none. Weights are detached: the AGOP needs
+    input gradients only.
 
     Returns:
         Callable (b, d_layer) -> (b, K) in the dtype/device of the weights.
     """
     if not 0 <= layer < len(weights):
         raise ValueError(f"layer must be in [0, {len(weights)}), got {layer}")
+    if biases is not None and len(biases) != len(weights):
+        raise ValueError(f"{len(biases)} biases for {len(weights)} layers")
     tail = [w.detach() for w in weights[layer:]]
+    tail_b = [None if b is None else b.detach() for b in (biases or [None] * len(weights))[layer:]]
     head = (lambda h: h @ readout.detach().T) if isinstance(readout, torch.Tensor) else readout
 
     def rest(h: torch.Tensor) -> torch.Tensor:
-        for w in tail:
-            h = torch.relu(h @ w.T)
+        for w, b in zip(tail, tail_b):
+            h = h @ w.T
+            h = torch.relu(h if b is None else h + b)
         return head(h)
 
     return rest
@@ -270,14 +300,16 @@ def layer_agops(
     readout: Readout,
     X: torch.Tensor,
     batch_size: int = 512,
+    biases: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each layer's input Phi_l and its AGOP through the rest of a bias-free Linear+ReLU stack.
+    """Each layer's input Phi_l and its AGOP through the rest of a Linear+ReLU stack.
 
     Args:
-        weights: W_1..W_m, W_l of shape (d_l, d_{l-1}), applied as h -> ReLU(h W_l^T).
+        weights: W_1..W_m, W_l of shape (d_l, d_{l-1}), applied as h -> ReLU(h W_l^T + b_l).
         readout: (K, d_m) matrix or row-wise callable after the last layer.
         X: (n, d_0) inputs; cast to the weights' dtype and device.
         batch_size: rows per forward/backward pass.
+        biases: optional b_1..b_m ((d_l,) in the weights' dtype and device, or None); None: bias-free.
 
     Returns:
         (phis, agops): phis[l] is the (n, d_l) input of layer l+1 (phis[0] = X) in the weights'
@@ -288,10 +320,14 @@ def layer_agops(
     w0 = weights[0]
     h = X.detach().to(device=w0.device, dtype=w0.dtype)
     phis: list[torch.Tensor] = []
+    bs = list(biases) if biases is not None else [None] * len(weights)
+    if len(bs) != len(weights):
+        raise ValueError(f"{len(bs)} biases for {len(weights)} layers")
     with torch.no_grad():
-        for w in weights:
+        for w, b in zip(weights, bs):
             phis.append(h)
-            h = torch.relu(h @ w.detach().T)
-    agops = [network_agop(rest_of_network(weights, readout, l), phi, batch_size)
+            h = h @ w.detach().T
+            h = torch.relu(h if b is None else h + b.detach())
+    agops = [network_agop(rest_of_network(weights, readout, l, biases), phi, batch_size)
              for l, phi in enumerate(phis)]
     return phis, agops

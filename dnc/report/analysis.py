@@ -4,6 +4,9 @@ two claims of Beaglehole et al. 2024 that these measurements test (docs/agop.md)
 
 Input: the concatenated analysis tables (results/analysis/{run}/analysis.parquet): run, layer,
 representation, split, step, metric, value. NC1 is the trace form (the form of the SVD share).
+Model experiments' tables (dnc.models.analysis: the layers of a model's MLP head, which have biases)
+add a node column naming each layer's Linear, and their step is a checkpoint step, not an epoch:
+their rows say "step" and name the Linears; a report of networks only is unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +28,23 @@ NC1 = "nc1_trace"
 
 def _runs(analysis: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(analysis["run"]))
+
+
+def _is_model(analysis: pd.DataFrame, run: str) -> bool:
+    """Whether run's rows come from a model experiment (they name their Linear in node)."""
+    return "node" in analysis and bool(analysis.loc[analysis["run"] == run, "node"].notna().any())
+
+
+def _step_word(analysis: pd.DataFrame, run: str) -> str:
+    return "step" if _is_model(analysis, run) else "epoch"
+
+
+def _layer_names(analysis: pd.DataFrame, run: str, layers: pd.Series) -> list[str]:
+    """Tick labels: W_l, and for a model experiment the Linear's name."""
+    if not _is_model(analysis, run):
+        return [f"W_{int(layer)}" for layer in layers]
+    nodes = analysis[analysis["run"] == run].drop_duplicates("layer").set_index("layer")["node"]
+    return [f"W_{int(layer)} ({nodes.get(layer)})" for layer in layers]
 
 
 def _train(analysis: pd.DataFrame, run: str) -> pd.DataFrame:
@@ -58,8 +78,9 @@ def _figure(analysis: pd.DataFrame, runs: list[str]) -> str:
             ax_a.bar(x + (i - 1.5) * w, np.maximum(t[f"nc1_{rep}"].to_numpy(float), FLOOR), w,
                      label=REP_LABEL[rep])
         ax_a.set_yscale("log")
-        ax_a.set_xticks(x, [f"W_{int(layer)}" for layer in t["layer"]])
-        ax_a.set(ylabel="NC1 (trace)", title=f"{rid}: NC1 per layer, epoch {last} (train)")
+        ax_a.set_xticks(x, _layer_names(analysis, rid, t["layer"]))
+        ax_a.set(ylabel="NC1 (trace)",
+                 title=f"{rid}: NC1 per layer, {_step_word(analysis, rid)} {last} (train)")
         nc1 = a[a["metric"] == NC1]
         layers = sorted(nc1["layer"].unique())
         colours = plt.cm.viridis(np.linspace(0, 0.9, len(layers)))
@@ -71,11 +92,12 @@ def _figure(analysis: pd.DataFrame, runs: list[str]) -> str:
                               label=f"l{layer} {REP_LABEL[rep]}")
             g = a[(a["metric"] == "nfa_sqrt") & (a["layer"] == layer)].sort_values("step")
             ax_c.plot(g["step"], g["value"], color=c, marker="o", ms=3, label=f"W_{layer}")
-        ax_b.set(xlabel="epoch", ylabel="NC1 (trace)",
+        ax_b.set(xlabel=_step_word(analysis, rid), ylabel="NC1 (trace)",
                  title="NC1 over training (solid Φ_l, dashed S Vᵀ Φ_l; Φ_{l+1} = ReLU(W_l Φ_l))")
         nfa = a.loc[a["metric"] == "nfa_sqrt", "value"].to_numpy(float)
         low = min(0.0, float(np.nanmin(nfa))) if np.isfinite(nfa).any() else 0.0
-        ax_c.set(xlabel="epoch", ylabel="corr(WᵀW, AGOP^1/2)", title="NFA correlation (sqrt) per layer",
+        ax_c.set(xlabel=_step_word(analysis, rid), ylabel="corr(WᵀW, AGOP^1/2)",
+                 title="NFA correlation (sqrt) per layer",
                  ylim=(low - 0.05, 1.02))
         for ax in (ax_a, ax_b, ax_c):
             ax.grid(alpha=0.3)
@@ -98,13 +120,19 @@ def render_analysis_section(analysis: pd.DataFrame) -> str:
              "from layer l's input to the outputs. svd_share = (log NC1(Φ) − log NC1(S Vᵀ Φ)) / "
              "(log NC1(Φ) − log NC1(ReLU(W Φ))), blank when the layer does not reduce NC1. nfa_sqrt: "
              "Pearson correlation of WᵀW and AGOP^1/2 (docs/agop.md).</p>"]
+    if any(_is_model(analysis, rid) for rid in runs):
+        parts.append("<p class='note'>Model experiments: the layers of the model's MLP head (the "
+                     "Linear+ReLU chain ending in its classifier, each Linear named), "
+                     "h ↦ ReLU(W_l h + b_l) with the model's bias (NC1/NC2 of S Vᵀ Φ are unchanged by "
+                     "a shift), at each checkpoint step (docs/models.md).</p>")
     if len(runs) > MAX_RUNS:
         parts.append(f"<p class='note'>Figures show the first {MAX_RUNS} of {len(runs)} runs; the tables "
                      f"below list every run.</p>")
     parts.append(img(_figure(analysis, drawn)))
     for rid in runs:
         last = int(_train(analysis, rid)["step"].max())
-        parts.append(f"<details><summary><b>{esc(rid)}</b>: per layer at epoch {last} (train)</summary>"
+        parts.append(f"<details><summary><b>{esc(rid)}</b>: per layer at {_step_word(analysis, rid)} {last} "
+                     f"(train)</summary>"
                      f"{table(last_epoch_table(analysis, rid))}</details>")
     return "\n".join(parts)
 
@@ -120,7 +148,7 @@ def _svd_claim(analysis: pd.DataFrame, runs: list[str]) -> dict:
         partial += int(len(big) > 0)
         shares = ", ".join(f"{s:.2f}" for s in reducing["svd_share"])
         evidence.append(f"{rid}: {len(big)} of the {len(reducing)} layers (of {len(t)}) that reduce NC1 have "
-                        f"svd_share > 0.5 (shares {shares or '-'}) at epoch "
+                        f"svd_share > 0.5 (shares {shares or '-'}) at {_step_word(analysis, rid)} "
                         f"{int(_train(analysis, rid)['step'].max())}")
     return {"claim": "In trained networks most of a layer's NC1 reduction comes from the right singular "
                      "structure S Vᵀ, not the ReLU",
@@ -136,15 +164,16 @@ def _nfa_claim(analysis: pd.DataFrame, runs: list[str]) -> dict:
         nfa = _train(analysis, rid)
         nfa = nfa[nfa["metric"] == "nfa_sqrt"].groupby("step")["value"].mean().sort_index()
         if len(nfa) < 2:
-            evidence.append(f"{rid}: one measured epoch, no trend")
+            evidence.append(f"{rid}: one measured {_step_word(analysis, rid)}, no trend")
             continue
         tested.append(rid)
         first, last = float(nfa.iloc[0]), float(nfa.iloc[-1])
         high, rising = last >= 0.5, last > first
         holding += int(high and rising)
         partial += int(high or rising)
-        evidence.append(f"{rid}: mean sqrt-NFA over layers {first:.3f} at epoch {int(nfa.index[0])}, "
-                        f"{last:.3f} at epoch {int(nfa.index[-1])}")
+        word = _step_word(analysis, rid)
+        evidence.append(f"{rid}: mean sqrt-NFA over layers {first:.3f} at {word} {int(nfa.index[0])}, "
+                        f"{last:.3f} at {word} {int(nfa.index[-1])}")
     return {"claim": "The neural feature ansatz holds and strengthens during training: WᵀW correlates "
                      "with AGOP^{1/2}",
             "source": SOURCE, "runs": tested,

@@ -123,6 +123,16 @@ def model_dataset(wildcards):
     return dataset_path(MODEL_RUNS[wildcards.run]["dataset"])
 
 
+def model_checkpoints(wildcards):
+    """Every checkpoint file of a model experiment, in step order (none for step 0 of init)."""
+    return [path for _, path in MODEL_RUNS[wildcards.run]["checkpoint_files"] if path]
+
+
+def model_steps(wildcards):
+    """[step, checkpoint file] pairs of a model experiment ("" for the untrained model)."""
+    return [[int(step), path] for step, path in MODEL_RUNS[wildcards.run]["checkpoint_files"]]
+
+
 def model_step_files(wildcards):
     """Every feature and weights file of a model experiment, in step order."""
     return [f for step, _ in MODEL_RUNS[wildcards.run]["checkpoint_files"]

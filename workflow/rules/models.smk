@@ -46,6 +46,38 @@ rule model_metrics:
         "../../scripts/model_metrics.py"
 
 
+# The MLP head of a model experiment (the Linear+ReLU chain ending in its classifier), analysed as a
+# network's head at every checkpoint step (docs/models.md, "MLP heads"); no rows without a head.
+# Written where a network's analysis goes (run ids are unique across kinds); requested by its path.
+rule analyze_model:
+    wildcard_constraints:
+        run=MODEL_RUN,
+    input:
+        checkpoints=model_checkpoints,
+        source=model_source,
+        dataset=model_dataset,
+    output:
+        analysis=NET.analysis,
+    log:
+        "logs/analyze_model/{run}.log",
+    params:
+        settings=model_extract_settings,
+        steps=model_steps,
+        convention=CONVENTION,
+        # Not a model setting: the AGOP takes at most 2,000 training rows, balanced over classes
+        # (dnc.nets.analysis.agop_rows), for speed; every row when the split has fewer.
+        agop_samples=2000,
+        device=config["device"],
+        version=DNC_VERSION,
+    threads: config["model_resources"]["threads"]
+    resources:
+        gpu=config["model_resources"]["gpu"],
+        mem_mb=config["model_resources"]["mem_mb"],
+        runtime=config["model_resources"]["runtime"],
+    script:
+        "../../scripts/analyze_model.py"
+
+
 # An example training script (examples/, no dnc imports) run as a user would run theirs: it writes
 # the data it used (data.npz) and a state dict at each epoch in `save`.
 for _name, _example in EXAMPLES.items():
