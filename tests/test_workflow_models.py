@@ -196,8 +196,8 @@ def test_incremental_reruns_of_model_experiments(measured):
     torch.save(torch.load(measured["rn"][0], weights_only=True), extra)
     cfg["models"]["experiments"]["rn"]["checkpoints"] = [*measured["rn"], str(extra)]
     jobs = _jobs_with_steps(wd, cfg)
-    assert jobs == {("extract_model", "rn", "4"), ("model_metrics", "rn", ""), ("build_report", "", ""),
-                    ("all", "", "")}
+    assert jobs == {("extract_model", "rn", "4"), ("model_metrics", "rn", ""), ("analyze_model", "rn", ""),
+                    ("build_report", "", ""), ("all", "", "")}
     # Other layers: every step of that experiment is extracted again.
     cfg = copy.deepcopy(measured["cfg"])
     cfg["models"]["experiments"]["small"]["layers"] = ["body", "act"]
@@ -207,6 +207,7 @@ def test_incremental_reruns_of_model_experiments(measured):
     cfg = copy.deepcopy(measured["cfg"])
     cfg["metrics"] = {"convention": {"global_mean": "samples"}}
     assert planned_jobs(wd, cfg) == {("model_metrics", "rn"), ("model_metrics", "small"),
+                                     ("analyze_model", "rn"), ("analyze_model", "small"),
                                      ("build_report", ""), ("all", "")}
 
 

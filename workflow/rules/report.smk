@@ -8,7 +8,8 @@ rule build_report:
         net_metrics=per_run("metrics", NET_RUNS, net_paths),
         net_comparisons=per_run("comparison", NET_RUNS, net_paths),
         net_verdicts=per_run("verdict", NET_RUNS, net_paths),
-        analyses=per_run("analysis", NET_RUNS, net_paths),
+        # networks, and the MLP heads of model experiments (analyze_model)
+        analyses=per_run("analysis", NET_RUNS, net_paths) + per_run("analysis", MODEL_RUNS, net_paths),
         rfm_metrics=per_run("metrics", RFM_RUNS, rfm_paths),
         rfm_layers=per_run("layers", RFM_RUNS, rfm_paths),
         model_metrics=per_run("metrics", MODEL_RUNS, model_paths),
