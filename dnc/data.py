@@ -20,6 +20,7 @@ a model trained with ImageFolder saw. Label-level selection (``classes``, ``max_
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from collections.abc import Mapping
@@ -419,6 +420,19 @@ def _images_below(folder: str) -> list[str]:
     """Image files below folder, in the order ImageFolder lists them (sorted walk, sorted names)."""
     return [os.path.join(d, f) for d, _, names in sorted(os.walk(folder, followlinks=True))
             for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def source_fingerprint(spec: DatasetSpec) -> str | None:
+    """A digest of an image folder's files (relative path, size, modification time), for a
+    workflow param: a folder's own modification time does not change when an image in it is
+    rewritten, so declaring the folder as an input would miss that. None for the other kinds."""
+    if spec.name != "folder" or not os.path.isdir(spec.root):
+        return None
+    digest = hashlib.sha1()
+    for path in _images_below(spec.root):
+        st = os.stat(path)
+        digest.update(f"{os.path.relpath(path, spec.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _first_image(folder: str) -> str | None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from dnc.models.files import MODEL_KINDS
 from dnc.theory.dnc import lambda_vector
 
 __all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "ModelConfig", "required_keys", "optional_keys",
@@ -271,7 +272,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         kind = self.model.partition(":")[0]
-        if kind not in ("torchvision", "timm", "python") or ":" not in self.model:
+        if kind not in MODEL_KINDS or ":" not in self.model:
             raise ValueError(f"model must be torchvision:<builder>, timm:<name> or "
                              f"python:<file.py or module>:<callable>, got {self.model!r}")
         if kind == "python" and self.model.count(":") < 2:

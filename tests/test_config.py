@@ -363,3 +363,27 @@ def test_model_experiment_errors_name_the_key(tmp_path, monkeypatch, exp, messag
     with pytest.raises(ConfigError, match=message) as e:
         _models(tmp_path, **exp)
     assert "models.experiments.m" in str(e.value)
+
+
+def test_an_edited_image_changes_the_folder_datasets_fingerprint(tmp_path):
+    """prepare_dataset's params carry a digest of an image folder's files: rewriting an image
+    changes no folder's modification time, but it changes the digest (and so reruns)."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from dnc.data import DatasetSpec, source_fingerprint
+
+    for k in ("a", "b"):
+        (tmp_path / "train" / k).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4, 3), 10, np.uint8)).save(tmp_path / "train" / k / "0.png")
+    spec = DatasetSpec(name="folder", root=str(tmp_path))
+    before, folder_mtime = source_fingerprint(spec), os.stat(tmp_path / "train" / "a").st_mtime_ns
+    assert before == source_fingerprint(spec) and len(before) == 40
+    image = tmp_path / "train" / "a" / "0.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(image)
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
+    assert os.stat(tmp_path / "train" / "a").st_mtime_ns == folder_mtime  # the folder did not change
+    assert source_fingerprint(spec) != before
+    assert source_fingerprint(DatasetSpec(name="digits")) is None

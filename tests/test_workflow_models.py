@@ -203,7 +203,7 @@ def test_incremental_reruns_of_model_experiments(measured):
     cfg["models"]["experiments"]["small"]["layers"] = ["body", "act"]
     assert {j for j in _jobs_with_steps(wd, cfg) if j[0] == "extract_model"} == {
         ("extract_model", "small", "5"), ("extract_model", "small", "10")}
-    # A metric setting: the metrics only.
+    # A metric setting: the metrics and the MLP-head analysis, never extraction.
     cfg = copy.deepcopy(measured["cfg"])
     cfg["metrics"] = {"convention": {"global_mean": "samples"}}
     assert planned_jobs(wd, cfg) == {("model_metrics", "rn"), ("model_metrics", "small"),

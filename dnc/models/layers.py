@@ -27,14 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from dnc.settings import POOLS, ModelConfig
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LayerError", "POOLS", "MAX_WIDTH", "node_names", "list_layers", "find_classifier",
            "resolve_layers", "pool_features", "pooled_width", "layer_pools", "check_widths",
            "probe_model", "Probe", "make_extractor", "example_input"]
 
-POOLS = ("avg", "max", "flatten", "cls", "none")
-MAX_WIDTH = 16_384  # widest pooled layer accepted by default (d x d float64 state in the metrics)
+MAX_WIDTH = ModelConfig.max_width  # widest pooled layer accepted by default (d x d float64 in the metrics)
 
 
 class LayerError(ValueError):

@@ -6,7 +6,7 @@ import re
 import dnc
 from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_measure_groups,
                         dufm_tolerances, expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
-from dnc.data import DatasetSpec, source_paths
+from dnc.data import DatasetSpec, source_fingerprint, source_paths
 from dnc.models.files import model_source_file
 from dnc.paths import dataset_path, example_paths, model_paths, net_paths, report_paths, rfm_paths, run_paths
 from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
@@ -104,7 +104,17 @@ _NOT_EXTRACTION = ("checkpoints", "step_regex", "init", "checkpoint_files", "exp
 
 
 def model_extract_settings(wildcards):
-    return canonical({k: v for k, v in MODEL_RUNS[wildcards.run].items() if k not in _NOT_EXTRACTION})
+    """What one step's extraction reads; the seed only builds the untrained model of step 0."""
+    leave_out = _NOT_EXTRACTION + (() if int(wildcards.step) == 0 else ("seed",))
+    return canonical({k: v for k, v in MODEL_RUNS[wildcards.run].items() if k not in leave_out})
+
+
+# What the MLP-head analysis reads (not the chosen layers, pool or width of the extraction).
+_HEAD_ANALYSIS = ("model", "kwargs", "classifier", "state_key", "seed", "batch_size", "dataset")
+
+
+def model_analysis_settings(wildcards):
+    return canonical({k: MODEL_RUNS[wildcards.run][k] for k in _HEAD_ANALYSIS})
 
 
 def model_checkpoint(wildcards):

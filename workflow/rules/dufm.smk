@@ -49,5 +49,8 @@ for _group, _runs in DUFM_MEASURE.items():
             device=config["device"],
             version=DNC_VERSION,
         threads: 1
+        resources:
+            mem_mb=config["dufm_resources"]["mem_mb"],
+            runtime=config["dufm_resources"]["runtime"],
         script:
             "../../scripts/dufm_measure.py"

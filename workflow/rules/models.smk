@@ -42,13 +42,16 @@ rule model_metrics:
         device=config["device"],
         version=DNC_VERSION,
     threads: 1
+    resources:
+        mem_mb=config["model_resources"]["mem_mb"],
+        runtime=config["model_resources"]["runtime"],
     script:
         "../../scripts/model_metrics.py"
 
 
 # The MLP head of a model experiment (the Linear+ReLU chain ending in its classifier), analysed as a
 # network's head at every checkpoint step (docs/models.md, "MLP heads"); no rows without a head.
-# Written where a network's analysis goes (run ids are unique across kinds); requested by its path.
+# Written where a network's analysis goes (run ids are unique across kinds); the report reads it.
 rule analyze_model:
     wildcard_constraints:
         run=MODEL_RUN,
@@ -61,7 +64,7 @@ rule analyze_model:
     log:
         "logs/analyze_model/{run}.log",
     params:
-        settings=model_extract_settings,
+        settings=model_analysis_settings,
         steps=model_steps,
         convention=CONVENTION,
         # Not a model setting: the AGOP takes at most 2,000 training rows, balanced over classes

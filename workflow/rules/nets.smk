@@ -7,6 +7,8 @@ rule prepare_dataset:
         "logs/prepare_dataset/{dataset}.log",
     params:
         spec=lambda w: DATASETS[w.dataset],
+        # an image folder's files (an edited image changes no folder's modification time)
+        files=lambda w: source_fingerprint(DatasetSpec(**DATASETS[w.dataset])),
         version=DNC_VERSION,
     threads: 1
     script:
