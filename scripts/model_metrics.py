@@ -9,11 +9,9 @@ from dnc.models.measure import model_metrics
 
 log = configure_logging(snakemake.log[0])
 p, run = snakemake.params, snakemake.wildcards.run
-files = list(snakemake.input)
-features = [f for f in files if not f.endswith("_weights.parquet")]
-weights = [f for f in files if f.endswith("_weights.parquet")]
 convention = Convention(**p.convention)
-table = model_metrics(features, weights, run, convention, p.batch_rows, p.device)
+table = model_metrics(list(snakemake.input.features), list(snakemake.input.weights), run, convention,
+                      p.batch_rows, p.device)
 log.info("%d metric values over %d steps and %d layers", len(table), table["step"].nunique(),
          table["layer"].nunique())
 write_parquet(table, snakemake.output.metrics, {"dnc:convention": convention.__dict__})

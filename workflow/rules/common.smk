@@ -143,10 +143,16 @@ def model_steps(wildcards):
     return [[int(step), path] for step, path in MODEL_RUNS[wildcards.run]["checkpoint_files"]]
 
 
-def model_step_files(wildcards):
-    """Every feature and weights file of a model experiment, in step order."""
+def model_feature_files(wildcards):
+    """The train and test feature files of every step of a model experiment, in step order."""
     return [f for step, _ in MODEL_RUNS[wildcards.run]["checkpoint_files"]
-            for f in model_paths(wildcards.run).step_files(step)]
+            for f in model_paths(wildcards.run).step_files(step)[:2]]
+
+
+def model_weight_files(wildcards):
+    """The classifier weights file of every step of a model experiment, in step order."""
+    return [model_paths(wildcards.run).step_files(step)[2]
+            for step, _ in MODEL_RUNS[wildcards.run]["checkpoint_files"]]
 
 
 def dataset_inputs(wildcards):

@@ -31,7 +31,8 @@ rule model_metrics:
     wildcard_constraints:
         run=MODEL_RUN,
     input:
-        model_step_files,
+        features=model_feature_files,
+        weights=model_weight_files,
     output:
         metrics=MODEL.metrics,
     log:
