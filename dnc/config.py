@@ -219,7 +219,7 @@ def dataset_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # Architectures whose backbone is convolutional: they take image samples (C, H, W) only.
-IMAGE_ARCHS = ("resnet20", "resnet18")
+IMAGE_ARCHS = ("resnet20", "resnet18", "resnet18_imagenet")
 
 
 def expand_network_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

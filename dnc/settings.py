@@ -15,11 +15,14 @@ from dnc.models.files import MODEL_KINDS
 from dnc.theory.dnc import lambda_vector
 
 __all__ = ["DUFMConfig", "NetConfig", "RFMConfig", "ModelConfig", "required_keys", "optional_keys",
-           "SHAPE_KEYS", "DTYPES", "POOLS"]
+           "SHAPE_KEYS", "DTYPES", "POOLS", "ARCHS", "INIT_KINDS", "parse_init"]
 
 DTYPES = ("float64", "float32")
+# resnet18: torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool (small images);
+# resnet18_imagenet: torchvision's own (7x7 stride-2 first conv, max-pool), as the AGOP paper ran it.
+ARCHS = ("mlp", "resnet20", "resnet18", "resnet18_imagenet", "plain")
 # Network settings read only by the analysis stage: changing them must not retrain.
-ANALYSIS_ONLY = ("agop_samples",)
+ANALYSIS_ONLY = ("agop_samples", "split_input")
 # Network settings that feature extraction reads but training does not (changing them reruns the
 # extraction and what follows, not the training).
 EXTRACTION_ONLY = ("ood_dataset",)
@@ -29,6 +32,29 @@ def _check_choice(obj: object, key: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, key)
     if value not in allowed:
         raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+INIT_KINDS = ("default", "dufm", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+
+
+def parse_init(spec: str) -> tuple[str, float]:
+    """One layer's initialisation, "kind" or "kind:gain" -> (kind, gain); kind one of INIT_KINDS.
+
+    "default" is PyTorch's own nn.Linear init (U(+-1/sqrt(fan_in))) and takes no gain; "dufm" is
+    N(0, 1/fan_in) times the gain; the xavier_* and kaiming_* kinds are torch.nn.init's with the gain.
+    """
+    kind, _, gain = str(spec).partition(":")
+    if kind not in INIT_KINDS:
+        raise ValueError(f"layer_init: unknown kind {kind!r} in {spec!r}; choose from {INIT_KINDS}")
+    if kind == "default" and gain:
+        raise ValueError(f"layer_init: 'default' is PyTorch's init and takes no gain, got {spec!r}")
+    try:
+        value = float(gain) if gain else 1.0
+    except ValueError:
+        raise ValueError(f"layer_init: gain of {spec!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"layer_init: gain of {spec!r} must be > 0")
+    return kind, value
 
 
 def required_keys(cls: type) -> list[str]:
@@ -110,13 +136,21 @@ SHAPE_KEYS = ("K", "L", "n", "width", "dtype", "optimizer")
 class NetConfig:
     """One network training run: backbone -> H_1 -> bias-free DUFM head.
 
-    arch: mlp, resnet20, resnet18, or plain (no backbone: H_1 is the flattened input, so the net is
-    a bias-free MLP x -> ReLU(W_1 x) -> ... -> W_L, the AGOP paper's network). mlp_widths: hidden
+    arch: one of ARCHS: mlp, resnet20, resnet18, resnet18_imagenet, or plain (no backbone: H_1 is
+    the flattened input, so the net is a bias-free MLP x -> ReLU(W_1 x) -> ... -> W_L, the AGOP
+    paper's network). mlp_widths: hidden
     widths of the MLP backbone; bias, init_gain: its bias switch and init scale. head_layers,
     head_width: the DUFM head (L = head_layers + 1 weight layers). head_init: "dufm" (N(0, 1/width))
     or "xavier" (Xavier normal with gain head_init_gain; the AGOP paper uses 0.1). agop_samples:
-    training samples used for the per-layer AGOP of the analysis stage (None: all). loss: mse,
-    mse_pm1 or ce. optimizer: sgd (with momentum) or adam. schedule:
+    training samples used for the per-layer AGOP of the analysis stage (None: all). layer_init: one
+    init per head weight layer W_1 .. W_L (classifier last; see parse_init), overriding head_init
+    when given (the AGOP paper: xavier_uniform:0.1 for hidden layers, default for the readout).
+    split_input: what the analysis's SVD split of layer l takes as Phi: "post" (the post-activation
+    input, the network's own computation) or "pre" (layer l-1's pre-activation, the AGOP paper's
+    figure). loss: mse, mse_pm1 or ce; loss_reduction: "half_sum" ((1/2)||z - t||^2 per sample) or
+    "mean" (nn.MSELoss: the mean over outputs; ce is unaffected). optimizer: sgd (with momentum) or
+    adam; optimizer_restart: "run" (one optimiser for the run) or "epoch" (a new optimiser every
+    epoch, so Adam's moments restart, as the AGOP paper's code does). schedule:
     constant, cosine or step (x0.1 at 1/2 and 3/4 of the epochs). lambda_H1: penalty on the
     backbone output, summed over samples as in the DUFM. lambda_W: weight decay per head layer
     (one number or L). weight_decay: ordinary decay of the backbone. feature_epochs: epochs whose
@@ -134,8 +168,12 @@ class NetConfig:
     head_width: int = 64
     head_init: str = "dufm"
     head_init_gain: float = 1.0
+    layer_init: tuple[str, ...] | None = None
+    split_input: str = "post"
     loss: str = "mse"
+    loss_reduction: str = "half_sum"
     optimizer: str = "sgd"
+    optimizer_restart: str = "run"
     lr: float = 0.05
     momentum: float = 0.9
     schedule: str = "cosine"
@@ -152,14 +190,24 @@ class NetConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for key, allowed in (("arch", ("mlp", "resnet20", "resnet18", "plain")),
+        for key, allowed in (("arch", ARCHS), ("split_input", ("post", "pre")),
                              ("loss", ("mse", "mse_pm1", "ce")), ("optimizer", ("sgd", "adam")),
+                             ("loss_reduction", ("half_sum", "mean")),
+                             ("optimizer_restart", ("run", "epoch")),
                              ("schedule", ("constant", "cosine", "step")), ("head_init", ("dufm", "xavier"))):
             _check_choice(self, key, allowed)
         lam = self.lambda_W
         object.__setattr__(self, "lambda_W", lam if isinstance(lam, float | int) else tuple(lam))
         object.__setattr__(self, "mlp_widths", tuple(self.mlp_widths))
         object.__setattr__(self, "feature_epochs", tuple(self.feature_epochs))
+        if self.layer_init is not None:
+            inits = (self.layer_init,) if isinstance(self.layer_init, str) else tuple(self.layer_init)
+            if len(inits) != self.L:
+                raise ValueError(f"layer_init has {len(inits)} entries; it needs one per head weight "
+                                 f"layer, L = head_layers + 1 = {self.L} (classifier last)")
+            for spec in inits:
+                parse_init(spec)
+            object.__setattr__(self, "layer_init", inits)
         # Zero is allowed for networks (no weight decay, as in the AGOP paper's MLP); the DUFM
         # comparison then has no closed form and says so.
         try:

@@ -322,7 +322,7 @@ def test_schema_enums_match_the_choices_the_dataclasses_accept():
             if "enum" in spec:
                 assert _allowed(build, key) == set(spec["enum"]), (section, key)
                 checked += 1
-    assert checked == 10
+    assert checked == 13
     names = props["datasets"]["additionalProperties"]["properties"]["name"]["enum"]
     assert _allowed(lambda k, v: DatasetSpec(name=v), "name") == set(names)
 
