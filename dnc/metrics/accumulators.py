@@ -33,6 +33,7 @@ from dnc.metrics.formulas import (
     means_metrics,
     pinv_trace,
     spectra,
+    trace_metrics,
     unit_roundoff,
 )
 from dnc.metrics.pairwise import row_tiles
@@ -215,10 +216,7 @@ class ResidualAccumulator:
         # with the sample mean mu; equals K nc1_pinv for balanced classes.
         Ds = (m.M - (m.M @ w)[:, None]) * w.sqrt()  # (d, K)
         out["he_su_D"] = pinv_trace(self.C, self.Q, Ds, conv.rank_rtol, q_samples, floor)[0] / N
-        tr_B = float((Mc**2).sum()) / K
-        out["tr_sigma_W"] = tr_W
-        out["tr_sigma_B"] = tr_B
-        out["nc1_trace"] = tr_W / tr_B if tr_B > 0 else math.inf
+        out.update(trace_metrics(m, Mc, tr_W))
         if self.ncc:
             out["ncc_error"] = self.ncc_wrong / N
         if self.nc4_rows:

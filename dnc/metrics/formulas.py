@@ -17,7 +17,7 @@ import torch
 from dnc.metrics.pairwise import PairSweep
 
 __all__ = ["Convention", "ClassMeans", "MeansGeometry", "pinv_trace", "cdnv", "means_metrics", "spectra",
-           "unit_roundoff"]
+           "trace_metrics", "unit_roundoff"]
 
 ACC = torch.float64
 
@@ -176,6 +176,27 @@ def pinv_trace(C: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, rtol: float,
     return float(torch.einsum("rq,qp,rp->", A, C, A)), int(keep.sum())
 
 
+def trace_metrics(m: ClassMeans, Mc: torch.Tensor, tr_W: float) -> dict[str, float]:
+    """Trace forms of NC1 from the centred means Mc (d, K) and tr Sigma_W (pass 2).
+
+    tr Sigma_T = (1/N) sum_i ||h_i - mu_G||^2 = tr Sigma_W + sum_k (n_k/N) ||mu_k - mu_G||^2 for
+    any mu_G, because each class's residuals sum to zero: no extra pass over the rows, and a sum of
+    non-negative terms, exact in the collapsed regime. Sigma_B weighs classes 1/K, so tr Sigma_W +
+    tr Sigma_B = tr Sigma_T only when that reweighting changes nothing, e.g. balanced classes
+    (docs/metrics.md section 5.2).
+
+    Keys: tr_sigma_W, tr_sigma_B, nc1_trace (tr Sigma_W / tr Sigma_B), sigma_w_total and
+    sigma_b_total (tr Sigma_W and tr Sigma_B over tr Sigma_T, Beaglehole et al. 2024).
+    """
+    sq = Mc.square().sum(0)  # (K,) ||mu_k - mu_G||^2
+    tr_B = float(sq.sum()) / m.K
+    tr_T = tr_W + float(sq @ m.counts.to(ACC)) / m.N
+    return {"tr_sigma_W": tr_W, "tr_sigma_B": tr_B,
+            "nc1_trace": tr_W / tr_B if tr_B > 0 else math.inf,
+            "sigma_w_total": tr_W / tr_T if tr_T > 0 else math.nan,
+            "sigma_b_total": tr_B / tr_T if tr_T > 0 else math.nan}
+
+
 def cdnv(m: ClassMeans, ss: torch.Tensor) -> float:
     """Mean over class pairs k != j of (sigma_k^2 + sigma_j^2) / (2 ||mu_k - mu_j||^2).
 
@@ -195,9 +216,10 @@ def means_metrics(m: ClassMeans, geo: MeansGeometry, conv: Convention,
         var: optional (K,) within-class variances sigma_k^2 = (1/n_k) sum_{y_i = k} ||r_i||^2;
             adds cdnv, cdnv_std, cdnv_max and cdnv_exp.
 
-    Keys: nc2_etf (centred Gram vs simplex ETF), nc2_orth (uncentred Gram vs I/sqrt(K)),
-    nc2_cond (sigma_max / sigma_min of M), equinorm (std/mean of ||mu_k - mu_G||), equiangle
-    (std of pairwise cosines of centred means), interference_mean/_min/_max (their mean and
+    Keys: nc2_etf (centred Gram vs simplex ETF), nc2_agop (mean squared deviation of the
+    normalised centred means' Gram from the unit-diagonal simplex Gram), nc2_orth (uncentred Gram
+    vs I/sqrt(K)), nc2_cond (sigma_max / sigma_min of M), equinorm (std/mean of ||mu_k - mu_G||),
+    equiangle (std of pairwise cosines of centred means), interference_mean/_min/_max (their mean and
     extremes), mean_norm (average ||mu_k||), mean_norm_spread, max_cos_uncentred, nc2g_dist_*,
     nc2g_log_*, nc2g_riesz_* (hyperspherical uniformity of the normalised centred means),
     rank_means (#{sigma_i(M) > means_rank_rtol sigma_1}) and sv_means_i (singular values of M,
@@ -211,6 +233,10 @@ def means_metrics(m: ClassMeans, geo: MeansGeometry, conv: Convention,
         # The diagonal of the normalised centred Gram against the ETF's (1 - 1/K)/sqrt(K - 1).
         diag = (norms_c.square() / sweep.nGc - (1 - 1 / K) / math.sqrt(K - 1)).square().sum()
         out["nc2_etf"] = math.sqrt(sweep.etf_ss + float(diag)) if sweep.nGc > 0 else math.nan
+        # Beaglehole et al.'s NC2, mean over all K^2 entries of (u_k.u_j - E_kj)^2: the diagonal
+        # u_k.u_k = 1 = E_kk, except for a class whose centred mean is 0 (u_k = 0, as in its
+        # cosines), which counts (0 - 1)^2.
+        out["nc2_agop"] = (sweep.agop_ss + float((norms_c == 0).sum())) / K**2
     diag = (norms.square() / sweep.nG - 1 / math.sqrt(K)).square().sum() if sweep.nG > 0 else 0.0
     out["nc2_orth"] = math.sqrt(sweep.orth_ss + float(diag)) if sweep.nG > 0 else math.nan
     s = geo.s  # (min(d, K),) descending

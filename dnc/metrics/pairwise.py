@@ -137,7 +137,9 @@ class PairSweep:
         cdnv_exponent: exponent e of the squared distance in cdnv_exp.
 
     Attributes after run(): orth_ss and etf_ss (sums of squares over the off-diagonal entries of
-    the normalised Gram minus its target, both triangles), max_cos (uncentred), and Moments or
+    the normalised Gram minus its target, both triangles), agop_ss (the same for the cosines of
+    the centred means against the unit-diagonal simplex Gram's -1/(K - 1), the off-diagonal part
+    of nc2_agop), max_cos (uncentred), and Moments or
     LogMoments of the centred cosines (interference), the normalised distances, the log kernel,
     the Riesz kernel and the two CDNVs.
     """
@@ -150,7 +152,8 @@ class PairSweep:
         self.norms = M.norm(dim=0)  # (K,)
         self.norms_c = Mc.norm(dim=0)  # (K,)
         self.nG, self.nGc = gram_fro(M), gram_fro(Mc)
-        self.orth_ss = self.etf_ss = 0.0
+        self.orth_ss = self.etf_ss = self.agop_ss = 0.0
+        self.agop_off = 1.0 / (self.K - 1) if self.K > 1 else 0.0  # minus E_kj, k != j
         self.max_cos = -math.inf
         self.cos = Moments()
         self.dist = Moments()
@@ -198,6 +201,8 @@ class PairSweep:
         self.max_cos = max(self.max_cos, float((g / (n_r * n_c).clamp_min(tiny)).max()))
         cos = gc / (nc_r * nc_c).clamp_min(tiny)
         self.cos.add(cos)
+        # (u_k.u_j - E_kj)^2 pair by pair, both triangles: exact to the cosines' rounding at the ETF.
+        self.agop_ss += 2 * float((cos + self.agop_off).square().sum())
         # ||x^ - y^||^2 = 2 - 2 cos for unit vectors; rounding can push it a hair below 0.
         dist = (2 - 2 * cos).clamp_min_(0).sqrt_()
         self.dist.add(dist)
