@@ -17,5 +17,7 @@ rule analyze_network:
         device=config["device"],
         version=DNC_VERSION,
     threads: 1
+    resources:
+        gpu=gpu_resource(),
     script:
         "../../scripts/analyze_network.py"

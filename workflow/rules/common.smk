@@ -7,6 +7,7 @@ import dnc
 from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_measure_groups,
                         dufm_tolerances, expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
 from dnc.data import DatasetSpec, source_fingerprint, source_paths
+from dnc.device import local_gpus
 from dnc.models.files import model_source_file
 from dnc.paths import dataset_path, example_paths, model_paths, net_paths, report_paths, rfm_paths, run_paths
 from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
@@ -50,6 +51,28 @@ RFM_RUN = alternatives(RFM_RUNS)
 MODEL_RUN = alternatives(MODEL_RUNS)
 MODEL = model_paths("{run}")
 EXAMPLES = config.get("examples") or {}
+
+
+# GPUs of this machine (torch-free: CUDA_VISIBLE_DEVICES and the driver's list), for local runs.
+LOCAL_GPUS = local_gpus()
+
+
+def gpu_resource(section=None, device=config["device"]):
+    """The `gpu` resource of a job that computes on `device` (docs/cluster.md, "GPUs"). On a
+    cluster: the section's configured gpu (0 without a section), which the executor requests. In a
+    local run: 1 when the machine has a GPU and the device is not the CPU, so that
+    `--resources gpu=N` (make run) runs at most N such jobs at once, each on its own GPU
+    (dnc.device.resolve_device); a pinned cuda:<i> takes every GPU, as all such jobs share one."""
+    configured = config[section]["gpu"] if section else 0
+
+    def gpu(wildcards):
+        if not workflow.local_exec:
+            return configured
+        if not LOCAL_GPUS or device == "cpu":
+            return 0
+        return LOCAL_GPUS if ":" in device else 1
+
+    return gpu
 
 
 def batch_rule_name(stage, batch):

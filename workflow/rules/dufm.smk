@@ -19,7 +19,7 @@ for _batch, _runs in DUFM_BATCHES.items():
             version=DNC_VERSION,
         threads: 1
         resources:
-            gpu=config["dufm_resources"]["gpu"],
+            gpu=gpu_resource("dufm_resources"),
             mem_mb=config["dufm_resources"]["mem_mb"],
             runtime=config["dufm_resources"]["runtime"],
         script:
@@ -50,6 +50,7 @@ for _group, _runs in DUFM_MEASURE.items():
             version=DNC_VERSION,
         threads: 1
         resources:
+            gpu=gpu_resource(),
             mem_mb=config["dufm_resources"]["mem_mb"],
             runtime=config["dufm_resources"]["runtime"],
         script:

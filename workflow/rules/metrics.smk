@@ -15,5 +15,7 @@ rule compute_metrics:
         device=config["device"],
         version=DNC_VERSION,
     threads: 1
+    resources:
+        gpu=gpu_resource(),
     script:
         "../../scripts/compute_metrics.py"

@@ -20,7 +20,7 @@ rule extract_model:
         version=DNC_VERSION,
     threads: config["model_resources"]["threads"]
     resources:
-        gpu=config["model_resources"]["gpu"],
+        gpu=gpu_resource("model_resources"),
         mem_mb=config["model_resources"]["mem_mb"],
         runtime=config["model_resources"]["runtime"],
     script:
@@ -44,6 +44,7 @@ rule model_metrics:
         version=DNC_VERSION,
     threads: 1
     resources:
+        gpu=gpu_resource(),
         mem_mb=config["model_resources"]["mem_mb"],
         runtime=config["model_resources"]["runtime"],
     script:
@@ -75,7 +76,7 @@ rule analyze_model:
         version=DNC_VERSION,
     threads: config["model_resources"]["threads"]
     resources:
-        gpu=config["model_resources"]["gpu"],
+        gpu=gpu_resource("model_resources"),
         mem_mb=config["model_resources"]["mem_mb"],
         runtime=config["model_resources"]["runtime"],
     script:

@@ -33,7 +33,7 @@ rule train_network:
         version=DNC_VERSION,
     threads: config["net_resources"]["threads"]
     resources:
-        gpu=config["net_resources"]["gpu"],
+        gpu=gpu_resource("net_resources"),
         mem_mb=config["net_resources"]["mem_mb"],
         runtime=config["net_resources"]["runtime"],
     script:
@@ -58,5 +58,7 @@ rule extract_features:
         device=config["device"],
         version=DNC_VERSION,
     threads: 1
+    resources:
+        gpu=gpu_resource(),
     script:
         "../../scripts/extract_features.py"

@@ -16,7 +16,7 @@ rule deep_rfm:
         version=DNC_VERSION,
     threads: config["rfm_resources"]["threads"]
     resources:
-        gpu=config["rfm_resources"]["gpu"],
+        gpu=gpu_resource("rfm_resources"),
         mem_mb=config["rfm_resources"]["mem_mb"],
         runtime=config["rfm_resources"]["runtime"],
     script:
