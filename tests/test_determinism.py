@@ -6,7 +6,7 @@ from conftest import measured_features
 from dnc.dufm.batch import run_batch, run_paths
 from dnc.nets.extract import network_features
 from dnc.nets.train import restore_net, train_network
-from dnc.rfm.stage import rfm_metrics, run_rfm
+from dnc.rfm.stage import run_rfm
 from dnc.settings import NetConfig, RFMConfig
 
 
@@ -50,5 +50,5 @@ def test_deep_rfm_is_deterministic(rng):
     y = np.repeat(np.arange(3), 15)
     X = (3 * rng.standard_normal((3, 6))[y] + rng.standard_normal((45, 6))).astype(np.float32)
     cfg = RFMConfig(dataset="x", depth=2, width=16, device="cpu")
-    tables = [rfm_metrics(*run_rfm(cfg, (X, y), (X, y), 3, progress=False), "r") for _ in range(2)]
+    tables = [run_rfm(cfg, (X, y), (X, y), 3, progress=False).metrics for _ in range(2)]
     pd.testing.assert_frame_equal(*tables)

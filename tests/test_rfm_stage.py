@@ -1,6 +1,7 @@
 """The Deep RFM stage: row selection, tidy metrics from the shared engine, feature columns."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dnc.metrics import layer_metrics
@@ -25,24 +26,38 @@ def test_select_rows_first_or_balanced(rng):
         select_rows(X, y, 100, balanced=False)
 
 
-def test_metrics_are_the_shared_engine_on_each_representation(rng):
+@pytest.mark.parametrize("write_features", [False, True])
+def test_metrics_are_the_shared_engine_on_each_representation(rng, write_features):
     train, test = blobs(rng), blobs(rng, n=7)
-    cfg = RFMConfig(dataset="x", depth=2, width=16, device="cpu", n=30, balanced=True)
-    layers, labels = run_rfm(cfg, train, test, num_classes=3, progress=False)
+    cfg = RFMConfig(dataset="x", depth=2, width=16, device="cpu", n=30, balanced=True,
+                    write_features=write_features)
+    seen = {}
+
+    def copy(rec):  # the hook sees all three representations of both splits
+        for split, reps in (("train", rec.train), ("test", rec.test)):
+            seen[rec.layer, split] = {k: v.clone() for k, v in reps.items()}
+
+    res = run_rfm(cfg, train, test, num_classes=3, run="r", progress=False, on_layer=copy)
+    labels, table = res.labels, res.metrics
     assert np.bincount(labels["train"]).tolist() == [10, 10, 10] and len(labels["test"]) == 21
-    table = rfm_metrics(layers, labels, "r")
     assert list(table.columns) == TIDY_COLUMNS and set(table["step"]) == {0}
+    assert len(table.groupby(["layer", "representation", "split"])) == 2 * 3 * 2
     for layer, rep, split in [(1, "input", "train"), (2, "mapped", "test"), (2, "projected", "train")]:
-        reps = layers[layer - 1].train if split == "train" else layers[layer - 1].test
-        expected = layer_metrics(reps[rep], labels[split])["nc1_trace"]
+        expected = layer_metrics(seen[layer, split][rep], labels[split])["nc1_trace"]
         got = table[(table["layer"] == layer) & (table["representation"] == rep) & (table["split"] == split)
                     & (table["metric"] == "nc1_trace")]["value"].item()
         assert got == pytest.approx(expected, rel=1e-12)
-    info = layer_table(layers, "r")
+    info = layer_table(res.layers, "r")
     assert list(info["layer"]) == [1, 2] and (info["seconds"] >= 0).all()
-    cols = feature_columns(layers, "test")
+    if not write_features:  # nothing kept once measured
+        assert all(rec.train == {} and rec.test == {} for rec in res.layers)
+        return
+    cols = feature_columns(res.layers, "test")
     assert [c.column for c, _ in cols][:3] == ["l1_input", "l1_projected", "l1_mapped"]
     assert all(v.shape[0] == 21 for _, v in cols)
+    assert np.array_equal(cols[5][1], seen[2, "test"]["mapped"].numpy())
+    # The list of kept layers measures to the same table as the run did layer by layer.
+    pd.testing.assert_frame_equal(rfm_metrics(res.layers, labels, "r"), table)
 
 
 def test_cosine_map_needs_gamma():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dnc.layout import RFM_REPRESENTATIONS
 from dnc.linalg import psd_sqrt
 from dnc.rfm.kernels import Kernel, as_tensor, kernel_agop
+from dnc.rfm.plan import check_plan, plan_deep_rfm
 
 __all__ = ["RFMLayer", "deep_rfm", "pm_one_hot", "normalize_rows", "REPRESENTATIONS", "FEATURE_MAPS"]
 
@@ -97,6 +98,22 @@ def _layer_forward(X: torch.Tensor, S: torch.Tensor | None, feature_map: str, W:
     return dict(zip(REPRESENTATIONS, (X, P, _apply_map(feature_map, P, W, b))))
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """The fixed settings of every layer (deep_rfm's arguments)."""
+
+    feature_map: str
+    width: int
+    gamma: float | None
+    kernel: Kernel
+    bandwidth: float
+    ridge: float
+    agop: bool
+    dtype: torch.dtype
+    device: torch.device
+    check_memory: bool
+
+
 def deep_rfm(
     X: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray,
@@ -118,11 +135,17 @@ def deep_rfm(
     keep_maps: bool = False,
     check_memory: bool = True,
     progress: bool = True,
+    on_layer: Callable[[RFMLayer], None] | None = None,
+    callback_bytes: Callable[[int, int], int] | None = None,
+    host_limit: int | None = None,
 ) -> list[RFMLayer]:
-    """Run Deep RFM and record, per layer, the input, AGOP-projected and mapped representations.
+    """Run Deep RFM layer by layer, handing each layer to ``on_layer`` and keeping what ``record`` asks.
+
+    Only the next layer's input (the mapped rows) stays on the compute device from one layer to
+    the next; the input and projected representations are released once ``on_layer`` returns.
 
     Args:
-        X: (n, *shape) training samples (flattened to (n, d)); numpy or torch.
+        X: (n, *shape) training samples (flattened to (n, d)); numpy or torch, any device.
         labels: (n,) integer classes 0..K-1.
         depth: number of layers.
         width: output dimension of the ReLU map (512); the cosine map uses D = d_l, identity d_l.
@@ -134,51 +157,87 @@ def deep_rfm(
         num_classes: K (default labels.max() + 1).
         dtype: compute dtype (float64 default; float32 allowed; the square root is always float64).
         device: compute device (default: X's device, CPU for numpy input).
-        record: which of "input", "projected", "mapped" to keep.
-        store_device: where recorded tensors are kept ("cpu" default, so depth x 3 representations
-            do not compete with the n x n kernel for GPU memory; None keeps them on ``device``).
+        record: which of "input", "projected", "mapped" the returned layers keep (() keeps none).
+        store_device: where kept tensors go ("cpu" default, so depth x 3 representations do not
+            compete with the n x n kernel for GPU memory; None keeps them on ``device``).
         keep_maps: also return S_l, W_l (and cosine phases) per layer.
-        check_memory: refuse (RFMMemoryError) a layer whose kernel fit cannot fit in memory.
+        check_memory: before layer 1, refuse (RFMMemoryError) a run whose whole-run estimate
+            (dnc.rfm.plan.plan_deep_rfm) does not fit the device or host RAM; and before every
+            kernel fit, one that does not fit the memory free at that moment.
         progress: tqdm bar over the layers.
+        on_layer: called once per layer with an RFMLayer holding all three representations of
+            the train (and test) rows, and S, W, b, on the compute device; they are released when
+            it returns unless it keeps references (measure, write or take Gram matrices there).
+        callback_bytes: scratch (bytes) that on_layer allocates on the compute device for one
+            (rows, dim) representation, counted by the memory check.
+        host_limit: bytes this process may hold in all (the job's mem_mb); None: no limit but the
+            host RAM available.
 
     Returns:
-        List of ``depth`` RFMLayer records (see docs/rfm.md for shapes and disk cost).
+        List of ``depth`` RFMLayer records holding the ``record`` representations on store_device
+        (see docs/rfm.md for shapes and disk cost).
     """
     _check_args(feature_map, gamma, record, depth)
     dev = torch.device(device) if device is not None else (
         X.device if isinstance(X, torch.Tensor) else torch.device("cpu"))
+    K = int(num_classes) if num_classes is not None else int(labels.max()) + 1
+    if check_memory:
+        plan = plan_deep_rfm(len(X), 0 if X_test is None else len(X_test), math.prod(X.shape[1:]), K,
+                             depth, width, feature_map, agop, dtype, dev, record, store_device,
+                             keep_maps, callback_bytes)
+        check_plan(plan, f"Deep RFM ({depth} layers, {feature_map}, agop={agop})", len(X), host_limit)
+    recipe = _Recipe(feature_map, width, gamma, kernel, bandwidth, ridge, agop, dtype, dev, check_memory)
     Xl, y, Tl = _inputs(X, labels, X_test, dtype, dev)
-    K = int(num_classes) if num_classes is not None else int(y.max()) + 1
     Y = pm_one_hot(y, K, dtype) if agop else None
+    del y
     gen = torch.Generator().manual_seed(seed)
-    keep = (lambda t: t) if store_device is None else (lambda t: t.to(store_device))
-
     layers: list[RFMLayer] = []
     for layer in tqdm(range(1, depth + 1), desc="Deep RFM", unit="layer", disable=not progress):
         t0 = time.perf_counter()
+        # Rebinding releases the previous layer's mapped rows (unless kept or held by the caller)
+        # before the kernel fit, the peak of the layer.
         Xl = normalize_rows(Xl)
-        d = Xl.shape[1]
-        S, agop_max = (_agop_sqrt(Xl, Y, kernel, bandwidth, ridge, dtype, check_memory) if agop
-                       else (None, float("nan")))
-        W, b = _draw_map(feature_map, d, width, gamma, gen)
-        W = None if W is None else W.to(device=dev, dtype=dtype)
-        b = None if b is None else b.to(device=dev, dtype=dtype)
-        out = _layer_forward(Xl, S, feature_map, W, b)
-        test = None
-        if Tl is not None:
-            test = _layer_forward(normalize_rows(Tl), S, feature_map, W, b)
-            Tl = test["mapped"]
-        Xl = out["mapped"]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        layers.append(RFMLayer(
-            layer=layer, dim=d, width=Xl.shape[1], seconds=time.perf_counter() - t0, agop_max=agop_max,
-            train={k: keep(out[k]) for k in record},
-            test=None if test is None else {k: keep(test[k]) for k in record},
-            S=None if not keep_maps or S is None else keep(S),
-            W=None if not keep_maps or W is None else keep(W),
-            b=None if not keep_maps or b is None else keep(b)))
+        Tl = None if Tl is None else normalize_rows(Tl)
+        rec = _layer(layer, Xl, Tl, Y, gen, recipe, t0)
+        Xl = rec.train["mapped"]
+        Tl = None if rec.test is None else rec.test["mapped"]
+        if on_layer is not None:
+            on_layer(rec)
+        layers.append(_stored(rec, record, store_device, keep_maps))
+        del rec  # input and projected of this layer go before the next kernel fit
     return layers
+
+
+def _layer(layer: int, X: torch.Tensor, T: torch.Tensor | None, Y: torch.Tensor | None,
+           gen: torch.Generator, r: _Recipe, t0: float) -> RFMLayer:
+    """One layer on unit rows X (n, d_l) and T (m, d_l) or None: the three representations on
+    r.device; seconds counts from t0 (the normalisation's start)."""
+    d = X.shape[1]
+    S, agop_max = (_agop_sqrt(X, Y, r.kernel, r.bandwidth, r.ridge, r.dtype, r.check_memory) if r.agop
+                   else (None, float("nan")))
+    W, b = _draw_map(r.feature_map, d, r.width, r.gamma, gen)
+    W = None if W is None else W.to(device=r.device, dtype=r.dtype)
+    b = None if b is None else b.to(device=r.device, dtype=r.dtype)
+    train = _layer_forward(X, S, r.feature_map, W, b)
+    test = None if T is None else _layer_forward(T, S, r.feature_map, W, b)
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)
+    return RFMLayer(layer=layer, dim=d, width=train["mapped"].shape[1], seconds=time.perf_counter() - t0,
+                    agop_max=agop_max, train=train, test=test, S=S, W=W, b=b)
+
+
+def _stored(rec: RFMLayer, record: Sequence[str], store_device: torch.device | str | None,
+            keep_maps: bool) -> RFMLayer:
+    """The record as returned: the ``record`` representations (and maps) on store_device."""
+    def keep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or store_device is None else t.to(store_device)
+
+    return RFMLayer(
+        layer=rec.layer, dim=rec.dim, width=rec.width, seconds=rec.seconds, agop_max=rec.agop_max,
+        train={k: keep(rec.train[k]) for k in record},
+        test=None if rec.test is None else {k: keep(rec.test[k]) for k in record},
+        S=keep(rec.S) if keep_maps else None, W=keep(rec.W) if keep_maps else None,
+        b=keep(rec.b) if keep_maps else None)
 
 
 def _agop_sqrt(X: torch.Tensor, Y: torch.Tensor, kernel: Kernel, bandwidth: float, ridge: float,

@@ -44,7 +44,12 @@ def as_tensor(x: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float64,
     else:  # a copy only where torch cannot share the buffer (read-only or negative strides)
         a = np.asarray(x)
         t = torch.from_numpy(np.ascontiguousarray(a) if a.flags.writeable else a.copy())
-    return t.to(device=device if device is not None else t.device, dtype=dtype)
+    device = t.device if device is None else torch.device(device)
+    if device.type == "cuda" and t.device != device and t.dtype != dtype:
+        # Moved first, converted there: a blocking host -> GPU copy would convert on the host,
+        # a temporary of the full converted size in host RAM.
+        return t.to(device=device).to(dtype)
+    return t.to(device=device, dtype=dtype)
 
 
 def _check_kernel(kernel: str, bandwidth: float) -> None:

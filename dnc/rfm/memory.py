@@ -28,16 +28,21 @@ _SLACK = 1.05
 
 
 class RFMMemoryError(MemoryError):
-    """A kernel fit + AGOP would not fit in the memory of its device.
+    """A kernel fit + AGOP, or a whole Deep RFM run, would not fit in the memory of its device.
 
-    Attributes: n (samples), required and available (bytes), device (str).
+    Attributes: n (samples), required and available (bytes), device (str), and in the message
+    what dominates the estimate, the layer that sets the peak and what limited the memory.
     """
 
-    def __init__(self, n: int, required: int, available: int, device: str, what: str = "kernel fit + AGOP"):
+    def __init__(self, n: int, required: int, available: int, device: str, what: str = "kernel fit + AGOP",
+                 dominant: str = "dominated by the n x n kernel", layer: int | None = None,
+                 limit: str | None = None):
         self.n, self.required, self.available, self.device = n, required, available, device
+        at = "" if layer is None else f" at layer {layer}"
+        have = f"{available / 2**30:.2f} GiB is available" + ("" if limit is None else f" ({limit})")
         super().__init__(
-            f"{what} with n = {n} samples needs about {required / 2**30:.2f} GiB on {device} "
-            f"(estimate, dominated by the n x n kernel) but only {available / 2**30:.2f} GiB is available; "
+            f"{what} with n = {n} samples needs about {required / 2**30:.2f} GiB on {device}{at} "
+            f"(estimate, {dominant}) but only {have}; "
             f"use fewer samples, float32, or a device with more memory (see docs/rfm.md, 'Memory')")
 
 

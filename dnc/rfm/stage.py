@@ -9,7 +9,8 @@ the tidy tables carry step 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,11 +20,13 @@ from dnc.data import subset
 from dnc.device import TORCH_DTYPES, resolve_device
 from dnc.layout import RFM_REPRESENTATIONS, FeatureColumn, column_name, rfm_column
 from dnc.metrics import Convention, layer_metrics
+from dnc.metrics.class_means import BLOCK_ELEMENTS
 from dnc.metrics.streaming import TIDY_COLUMNS
 from dnc.rfm.deep import RFMLayer, deep_rfm
 from dnc.settings import RFMConfig
 
-__all__ = ["select_rows", "run_rfm", "rfm_metrics", "layer_table", "feature_columns"]
+__all__ = ["RFMResult", "select_rows", "run_rfm", "rfm_metrics", "layer_table", "feature_columns",
+           "metrics_scratch_bytes"]
 
 
 def select_rows(X: np.ndarray, y: np.ndarray, n: int | None,
@@ -39,23 +42,69 @@ def select_rows(X: np.ndarray, y: np.ndarray, n: int | None,
     return X[:n], y[:n]
 
 
-def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-            num_classes: int, progress: bool = True) -> tuple[list[RFMLayer], dict[str, np.ndarray]]:
-    """Deep RFM of cfg on (X (n, *shape), y (n,)) train rows, test rows mapped through the same layers.
+def metrics_scratch_bytes(rows: int, dim: int, num_classes: int, device: torch.device | str,
+                          convention: Convention = Convention()) -> int:
+    """Bytes dnc.metrics.layer_metrics allocates on ``device`` to measure one (rows, dim) tensor.
 
-    Returns the layers and the labels of the rows used, {"train": (n,), "test": (m,)}.
+    Its two passes hold three float64 work blocks (the pass-1 copy and the pass-2 residuals and
+    squares): whole tensors on CUDA, cache-sized row blocks on the CPU; plus the class sums, means
+    and bases (a few K x dim) and, with spectra, the dim x dim scatter and its eigendecomposition.
+    """
+    block = rows if torch.device(device).type == "cuda" else min(rows, max(1, BLOCK_ELEMENTS // dim))
+    spectra = 4 * dim * dim if convention.spectra else 0
+    return 8 * (3 * block * dim + 8 * num_classes * dim + spectra)
+
+
+@dataclass
+class RFMResult:
+    """A measured Deep RFM run.
+
+    Attributes:
+        layers: one RFMLayer per layer (dims, seconds, AGOP scale); with write_features also the
+            three representations of both splits on the CPU, else none.
+        labels: {"train": (n,), "test": (m,)} classes of the rows used.
+        metrics: tidy metrics (TIDY_COLUMNS) of every layer, representation and split, step 0.
+    """
+
+    layers: list[RFMLayer]
+    labels: dict[str, np.ndarray]
+    metrics: pd.DataFrame
+
+
+def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+            num_classes: int, run: str = "rfm", convention: Convention = Convention(),
+            host_limit: int | None = None, on_layer: Callable[[RFMLayer], None] | None = None,
+            progress: bool = True) -> RFMResult:
+    """Deep RFM of cfg on (X (n, *shape), y (n,)) train rows, test rows mapped through the same
+    layers, every layer measured on the compute device as soon as it exists.
+
+    Only what the next layer needs stays on the device; with cfg.write_features the
+    representations are also kept on the CPU (counted by the memory check). Before layer 1 the
+    whole run's host and device peaks are checked (dnc.rfm.plan; host_limit: the job's memory
+    limit in bytes, Snakemake's mem_mb). on_layer, called after the measurement with the layer's
+    tensors on the device, is the hook for further per-layer work (e.g. Gram matrices).
     """
     Xtr, ytr = select_rows(*train, cfg.n, cfg.balanced)
     Xte, yte = select_rows(*test, cfg.test_n, False)
+    labels = {"train": np.asarray(ytr), "test": np.asarray(yte)}
     dev = resolve_device(cfg.device)
+    rows: list[dict] = []
+    on_device = {s: torch.as_tensor(y).to(dev) for s, y in labels.items()}  # once, not per tensor
+
+    def measure(rec: RFMLayer) -> None:
+        rows.extend(_layer_rows(rec, on_device, run, convention))
+        if on_layer is not None:
+            on_layer(rec)
+
     layers = deep_rfm(
-        torch.as_tensor(Xtr).reshape(len(Xtr), -1).to(dev), torch.as_tensor(ytr), cfg.depth,
-        width=cfg.width,
+        torch.as_tensor(Xtr).reshape(len(Xtr), -1), torch.as_tensor(ytr), cfg.depth, width=cfg.width,
         feature_map=cfg.feature_map, bandwidth=cfg.bandwidth, ridge=cfg.ridge, agop=cfg.agop,
-        seed=cfg.seed, kernel=cfg.kernel, gamma=cfg.gamma,
-        X_test=torch.as_tensor(Xte).reshape(len(Xte), -1).to(dev), num_classes=num_classes,
-        dtype=TORCH_DTYPES[cfg.dtype], progress=progress)
-    return layers, {"train": np.asarray(ytr), "test": np.asarray(yte)}
+        seed=cfg.seed, kernel=cfg.kernel, gamma=cfg.gamma, X_test=torch.as_tensor(Xte).reshape(len(Xte), -1),
+        num_classes=num_classes, dtype=TORCH_DTYPES[cfg.dtype], device=dev,
+        record=RFM_REPRESENTATIONS if cfg.write_features else (), progress=progress, on_layer=measure,
+        callback_bytes=lambda n, d: metrics_scratch_bytes(n, d, num_classes, dev, convention),
+        host_limit=host_limit)
+    return RFMResult(layers, labels, _tidy(rows, run, convention))
 
 
 def _representations(layers: list[RFMLayer]) -> Iterator[tuple[int, str, str, torch.Tensor]]:
@@ -66,23 +115,34 @@ def _representations(layers: list[RFMLayer]) -> Iterator[tuple[int, str, str, to
                     yield rec.layer, rep, split, reps[rep]
 
 
-def rfm_metrics(layers: list[RFMLayer], labels: dict[str, np.ndarray], run: str,
-                convention: Convention = Convention()) -> pd.DataFrame:
-    """Tidy metrics (TIDY_COLUMNS) of every layer, representation and split.
-
-    labels: {"train": (n,), "test": (m,)} classes of the rows the layers hold.
-    """
+def _layer_rows(rec: RFMLayer, labels: dict[str, np.ndarray | torch.Tensor], run: str,
+                convention: Convention) -> list[dict]:
+    """Long-format metric rows of one layer's representations, measured where they are."""
     rows = []
-    for layer, rep, split, H in _representations(layers):
+    for layer, rep, split, H in _representations([rec]):
         name = f"{run}:{column_name(layer, rep, RFM_REPRESENTATIONS)}:{split}"
         values = layer_metrics(H, labels[split], convention=convention, name=name)
         rows += [{"layer": layer, "representation": rep, "split": split, "metric": k, "value": v}
                  for k, v in values.items()]
+    return rows
+
+
+def _tidy(rows: list[dict], run: str, convention: Convention) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.insert(0, "run", run)
     table["step"] = 0
     table["convention"] = convention.describe()
     return table[TIDY_COLUMNS]
+
+
+def rfm_metrics(layers: list[RFMLayer], labels: dict[str, np.ndarray], run: str,
+                convention: Convention = Convention()) -> pd.DataFrame:
+    """Tidy metrics (TIDY_COLUMNS) of every representation kept in layers (deep_rfm's list), as
+    run_rfm measures them layer by layer.
+
+    labels: {"train": (n,), "test": (m,)} classes of the rows the layers hold.
+    """
+    return _tidy([r for rec in layers for r in _layer_rows(rec, labels, run, convention)], run, convention)
 
 
 def layer_table(layers: list[RFMLayer], run: str) -> pd.DataFrame:
