@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= all
+# GPUs a local run uses: at most this many GPU jobs run at once, each on its own GPU (docs/cluster.md,
+# "GPUs"); empty = every GPU this machine shows (CUDA_VISIBLE_DEVICES honoured), counted without torch.
+GPUS ?=
 # torch 2.14.1 / torchvision 0.29.1: installed first so pip never resolves another torch build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
@@ -24,7 +27,8 @@ $(STAMP): $(RUN_STAMP)
 	touch $@
 
 run: $(RUN_STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --workflow-profile none $(ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) \
+		--resources gpu=$(or $(GPUS),$$($(BIN)/python -m dnc.device)) --workflow-profile none $(ARGS)
 	@echo "report: $(CURDIR)/results/report/index.html"
 
 dry-run: $(RUN_STAMP)

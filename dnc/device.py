@@ -263,8 +263,10 @@ def configure_determinism(deterministic: bool | None = None, tf32: bool | None =
     # The legacy flags on purpose: mixing them with fp32_precision makes torch's getters raise.
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    return {"deterministic": deterministic, "tf32": _tf32(),
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    settings = {"deterministic": deterministic, "tf32": _tf32(),
+                "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    log.info("determinism settings: %s", settings)
+    return settings
 
 
 if __name__ == "__main__":  # `python -m dnc.device`: the GPU count for `--resources gpu=N` (Makefile)

@@ -6,6 +6,11 @@ Each representation column reads back as an (N, d) array without a copy (the lis
 reshaped), and row groups make it streamable chunk by chunk. The file's key-value metadata
 ``dnc:layout`` (JSON) lists each column's layer, representation, width and the weight that acts on
 it; ``dnc:config`` holds the producing run's resolved config.
+
+Every Parquet file written here carries ``dnc:device``: what the writing process computed on
+(device, GPU name, torch and CUDA versions, determinism settings; dnc.device.device_record), as
+recorded by dnc.device.resolve_device, or {"device": "cpu"} in a process that never resolved a
+device; no stage passes it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,25 @@ __all__ = [
     "iter_feature_chunks",
     "write_weights",
     "read_weights",
+    "DEVICE_KEY",
+    "set_device_record",
+    "current_device_record",
 ]
+
+DEVICE_KEY = "dnc:device"
+# The process-wide record written under DEVICE_KEY (set by dnc.device.resolve_device).
+_DEVICE_RECORD: dict[str, object] = {"device": "cpu"}
+
+
+def set_device_record(record: Mapping[str, object]) -> None:
+    """Make record the DEVICE_KEY metadata of every file this process writes from now on."""
+    global _DEVICE_RECORD
+    _DEVICE_RECORD = dict(record)
+
+
+def current_device_record() -> dict[str, object]:
+    """The record written under DEVICE_KEY now ({"device": "cpu"} until a device is resolved)."""
+    return dict(_DEVICE_RECORD)
 
 
 @contextmanager
@@ -56,12 +79,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _encoded(metadata: Mapping[str, object] | None) -> dict[bytes, bytes]:
+    """metadata as JSON values, with the device record under DEVICE_KEY unless metadata has one."""
+    metadata = {DEVICE_KEY: _DEVICE_RECORD, **(metadata or {})}
+    return {k.encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()}
+
+
 def _with_metadata(table: pa.Table, metadata: Mapping[str, object] | None) -> pa.Table:
-    if not metadata:
-        return table
-    meta = dict(table.schema.metadata or {})
-    meta.update({k.encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()})
-    return table.replace_schema_metadata(meta)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **_encoded(metadata)})
 
 
 def write_parquet(
@@ -196,8 +221,7 @@ class FeatureWriter:
         fields += [pa.field(c.column, pa.list_(pa.from_numpy_dtype(t), c.dim))
                    for c, t in zip(self.columns, self.dtypes)]
         meta = {"dnc:layout": [c.__dict__ for c in self.columns], **(metadata or {})}
-        self.schema = pa.schema(fields, metadata={k.encode(): json.dumps(v, default=str).encode()
-                                                  for k, v in meta.items()})
+        self.schema = pa.schema(fields, metadata=_encoded(meta))
         self.rows = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0

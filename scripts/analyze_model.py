@@ -10,12 +10,14 @@ dnc.models.analysis.analyze_model.
 import torch
 
 from dnc.data import read_split
+from dnc.device import configure_determinism
 from dnc.io import write_parquet
 from dnc.logs import configure_logging
 from dnc.metrics import Convention
 from dnc.models.analysis import analyze_model
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 run_id, p, inp = snakemake.wildcards.run, snakemake.params, snakemake.input
 torch.set_num_threads(snakemake.threads)
 convention = Convention(**p.convention)

@@ -7,12 +7,14 @@ the OOD features against the train split's class means). The logic is
 dnc.metrics.streaming.folder_metrics.
 """
 
+from dnc.device import configure_determinism
 from dnc.io import write_parquet
 from dnc.logs import configure_logging
 from dnc.metrics import Convention
 from dnc.metrics.streaming import folder_metrics
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 inp, p = snakemake.input, snakemake.params
 convention = Convention(**p.convention)
 table = folder_metrics(inp.folder, snakemake.wildcards.run, convention, p.batch_rows, p.device)

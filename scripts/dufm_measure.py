@@ -4,6 +4,7 @@ dnc.dufm.batch.measure_batch."""
 
 import torch
 
+from dnc.device import configure_determinism
 from dnc.dufm.batch import measure_batch
 from dnc.dufm.compare import Tolerances
 from dnc.logs import configure_logging
@@ -11,6 +12,7 @@ from dnc.metrics import Convention
 from dnc.paths import run_paths
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 p = snakemake.params
 torch.set_num_threads(snakemake.threads)
 

@@ -3,11 +3,13 @@ weights (results/dufm/{run}); the logic is dnc.dufm.batch.train_batch."""
 
 import torch
 
+from dnc.device import configure_determinism
 from dnc.dufm.batch import train_batch
 from dnc.logs import configure_logging
 from dnc.paths import run_paths
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 p = snakemake.params
 torch.set_num_threads(snakemake.threads)
 

@@ -10,7 +10,7 @@ logic is dnc.nets.extract.extract_epochs.
 import torch
 
 from dnc.data import read_split
-from dnc.device import resolve_device
+from dnc.device import configure_determinism, resolve_device
 from dnc.io import write_parquet
 from dnc.layout import OOD_SPLIT
 from dnc.logs import configure_logging
@@ -18,6 +18,7 @@ from dnc.nets.extract import check_ood_shape, extract_epochs
 from dnc.nets.train import reached_epochs, read_history
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input
 torch.set_num_threads(snakemake.threads)
 splits = {s: read_split(inp.dataset, s) for s in ("train", "test")}

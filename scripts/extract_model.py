@@ -4,10 +4,12 @@ dnc.models.stage.extract_step."""
 
 import torch
 
+from dnc.device import configure_determinism
 from dnc.logs import configure_logging
 from dnc.models.stage import extract_step
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 p, w, inp, out = snakemake.params, snakemake.wildcards, snakemake.input, snakemake.output
 torch.set_num_threads(snakemake.threads)
 

@@ -9,15 +9,16 @@ import pandas as pd
 import torch
 
 from dnc.data import read_split
+from dnc.device import configure_determinism
 from dnc.io import write_parquet
 from dnc.logs import configure_logging
 from dnc.nets.train import diverged_epoch, export_snapshots, reached_epochs, train_network
 from dnc.settings import NetConfig
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 run_id, settings, p = snakemake.wildcards.run, snakemake.params.settings, snakemake.params
 torch.set_num_threads(snakemake.threads)
-torch.use_deterministic_algorithms(True, warn_only=True)
 
 cfg = NetConfig.from_settings(settings, device=p.device)
 splits = {s: read_split(snakemake.input.dataset, s) for s in ("train", "test")}

@@ -1,17 +1,25 @@
 """Atomic writes and the feature file layout."""
 
+import subprocess
+import sys
+
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import dnc.io
 from dnc.io import (
+    DEVICE_KEY,
     BadInputError,
     atomic_path,
     iter_feature_chunks,
     read_layout,
     read_metadata,
     read_weights,
+    set_device_record,
     write_features,
+    write_parquet,
     write_weights,
 )
 from dnc.layout import FeatureColumn
@@ -54,3 +62,30 @@ def test_weights_roundtrip(tmp_path, rng):
     assert list(got) == [1, 2]
     for i, w in enumerate(ws, start=1):
         np.testing.assert_array_equal(got[i], w)
+
+
+def test_every_writer_records_the_device_of_the_process(tmp_path, monkeypatch, rng):
+    """write_parquet, feature files and weight files carry dnc:device, as set by
+    dnc.device.resolve_device; a stage's own value under that key wins."""
+    monkeypatch.setattr(dnc.io, "_DEVICE_RECORD", {})
+    record = {"device": "cuda:1", "name": "NVIDIA H200", "torch": "2.14.1", "cuda": "13.0"}
+    set_device_record(record)
+    record["name"] = "changed after the call"  # the record is a copy
+    expected = {**record, "name": "NVIDIA H200"}
+    write_parquet(pd.DataFrame({"x": [1.0]}), tmp_path / "t.parquet")
+    write_features(tmp_path / "f.parquet", np.zeros(3, int),
+                   [(FeatureColumn("l1_input", 1, "input", 2), rng.standard_normal((3, 2)))])
+    write_weights(tmp_path / "w.parquet", [np.eye(2)], metadata={"dnc:step": 1})
+    for name in ("t", "f", "w"):
+        assert read_metadata(tmp_path / f"{name}.parquet", DEVICE_KEY) == expected, name
+    write_parquet(pd.DataFrame({"x": [1.0]}), tmp_path / "own.parquet", {DEVICE_KEY: {"device": "mine"}})
+    assert read_metadata(tmp_path / "own.parquet", DEVICE_KEY) == {"device": "mine"}
+
+
+def test_a_process_that_never_resolves_a_device_records_the_cpu(tmp_path):
+    path = tmp_path / "t.parquet"
+    code = ("import pandas as pd, sys; from dnc.io import write_parquet; "
+            f"write_parquet(pd.DataFrame({{'x': [1]}}), {str(path)!r}); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert read_metadata(path, DEVICE_KEY) == {"device": "cpu"}
