@@ -6,19 +6,24 @@ classifier. Representations are named by dnc.layout, like the DUFM feature files
 
 arch "plain" has no backbone: H_1 is the flattened input and W_1 maps it to the head width, so the
 network is exactly x -> ReLU(W_1 x) -> ... -> ReLU(W_{L-1} .) -> W_L, bias-free, as in the AGOP
-paper (docs/agop.md).
+paper (docs/agop.md). arch "resnet18_imagenet" is torchvision's ResNet-18 as the AGOP paper's code
+trains it (7x7 stride-2 first conv and max-pool kept, fc removed), its 512-d output feeding the head.
+The head's weights are initialised per layer when layer_init is given (init_linear_).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from dnc.layout import column_name
+from dnc.settings import ARCHS, parse_init
 
-__all__ = ["MLP", "ResNet20", "resnet18_small", "DUFMHead", "Net", "build_net"]
+__all__ = ["MLP", "ResNet20", "resnet18_small", "resnet18_imagenet", "init_linear_", "DUFMHead", "Net",
+           "build_net"]
 
 
 class MLP(nn.Module):
@@ -96,23 +101,73 @@ def resnet18_small(in_channels: int = 3) -> nn.Module:
     return net
 
 
+def resnet18_imagenet(in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet18 as the AGOP paper's code trains it: 7x7 stride-2 first conv, max-pool
+    kept, fc removed (512-d out). The first conv is a fresh nn.Conv2d(in_channels, 64, 7, 2, 3) with
+    PyTorch's default init, as in the authors' code (also for 3 channels), not torchvision's."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    net.out_dim = 512
+    return net
+
+
+@torch.no_grad()
+def init_linear_(lin: nn.Linear, spec: str) -> None:
+    """Initialise lin.weight (d_out, d_in) in place by one layer_init entry (dnc.settings.parse_init).
+
+    default: PyTorch's nn.Linear init, U(+-1/sqrt(fan_in)); dufm: N(0, gain^2/fan_in); xavier_uniform,
+    xavier_normal: torch.nn.init's with the gain (bound gain sqrt(6/(fan_in+fan_out)), std
+    gain sqrt(2/(fan_in+fan_out))); kaiming_uniform, kaiming_normal: torch.nn.init's for a ReLU
+    (fan_in mode: bound sqrt(6/fan_in), std sqrt(2/fan_in)) times the gain, as the MLP backbone's
+    init_gain. A bias, if any, is left as it is (the head has none).
+    """
+    kind, gain = parse_init(spec)
+    w = lin.weight
+    if kind == "default":
+        # nn.Linear's own reset: kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    elif kind == "dufm":
+        nn.init.normal_(w, std=gain / math.sqrt(lin.in_features))
+    elif kind == "xavier_uniform":
+        nn.init.xavier_uniform_(w, gain=gain)
+    elif kind == "xavier_normal":
+        nn.init.xavier_normal_(w, gain=gain)
+    else:
+        fill = nn.init.kaiming_uniform_ if kind == "kaiming_uniform" else nn.init.kaiming_normal_
+        fill(w, nonlinearity="relu")
+        w.mul_(gain)
+
+
 class DUFMHead(nn.Module):
     """head_layers bias-free Linear+ReLU layers (in_dim -> width, then width -> width) and a
     bias-free Linear(., K) classifier.
 
     init "dufm": N(0, 1/fan_in) for every weight (N(0, 1/width) when in_dim == width, the DUFM
-    head); "xavier": nn.init.xavier_normal_ with the given gain (classifier included).
+    head); "xavier": nn.init.xavier_normal_ with the given gain (classifier included). layer_init:
+    one entry per weight layer W_1 .. W_L (head_layers + 1, classifier last; init_linear_), which
+    replaces init and gain when given.
     """
 
     def __init__(self, width: int, head_layers: int, num_classes: int, in_dim: int | None = None,
-                 init: str = "dufm", gain: float = 1.0) -> None:
+                 init: str = "dufm", gain: float = 1.0, layer_init: Sequence[str] | None = None) -> None:
         super().__init__()
         if init not in ("dufm", "xavier"):
             raise ValueError(f"head init must be 'dufm' or 'xavier', got {init!r}")
         dims = [in_dim or width] + [width] * head_layers
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
         self.classifier = nn.Linear(dims[-1], num_classes, bias=False)
-        for lin in [*self.layers, self.classifier]:
+        linears = [*self.layers, self.classifier]
+        if layer_init is not None:
+            if isinstance(layer_init, str) or len(layer_init) != len(linears):
+                raise ValueError(f"layer_init needs one entry per weight layer W_1 .. W_{len(linears)} "
+                                 f"(head_layers + 1, classifier last), got {layer_init!r}")
+            for lin, spec in zip(linears, layer_init):
+                init_linear_(lin, spec)
+            return
+        for lin in linears:
             if init == "xavier":
                 nn.init.xavier_normal_(lin.weight, gain=gain)
             else:
@@ -141,17 +196,18 @@ class Net(nn.Module):
     """backbone -> optional bias-free projection to the head width -> DUFMHead.
 
     project=False: no projection; the head's first layer maps backbone_dim to width (arch plain).
+    layer_init: per head weight layer (DUFMHead); the projection keeps PyTorch's default init.
     """
 
     def __init__(self, backbone: nn.Module, backbone_dim: int, width: int, head_layers: int,
                  num_classes: int, head_init: str = "dufm", head_init_gain: float = 1.0,
-                 project: bool = True) -> None:
+                 project: bool = True, layer_init: Sequence[str] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         same = backbone_dim == width or not project
         self.project = nn.Identity() if same else nn.Linear(backbone_dim, width, bias=False)
         self.head = DUFMHead(width, head_layers, num_classes, width if project else backbone_dim,
-                             head_init, head_init_gain)
+                             head_init, head_init_gain, layer_init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """H_1 rows, (B, d_1): width, or the flattened input for arch plain."""
@@ -169,23 +225,27 @@ class Net(nn.Module):
 
 def build_net(arch: str, input_shape: list[int], num_classes: int, width: int, head_layers: int,
               mlp_widths: list[int] | None = None, bias: bool = True, init_gain: float = 1.0,
-              head_init: str = "dufm", head_init_gain: float = 1.0) -> Net:
-    """arch: mlp, resnet20, resnet18 or plain; input_shape (C, H, W) or (C, L) of one sample.
+              head_init: str = "dufm", head_init_gain: float = 1.0,
+              layer_init: Sequence[str] | None = None) -> Net:
+    """arch: one of dnc.settings.ARCHS; input_shape (C, H, W) or (C, L) of one sample.
 
     mlp_widths, bias, init_gain: the MLP backbone. head_init ("dufm" or "xavier") and head_init_gain:
-    the head's initialisation (DUFMHead). plain: no backbone and no projection (H_1 = the flattened
-    input, W_1 of shape (width, prod(input_shape))).
+    the head's initialisation (DUFMHead); layer_init (one entry per head weight layer W_1 .. W_L,
+    classifier last, see init_linear_), when given, replaces both for every head layer. plain: no
+    backbone and no projection (H_1 = the flattened input, W_1 of shape (width, prod(input_shape))).
+    resnet18 / resnet18_imagenet: 512-d backbone output, projected to width when width != 512.
     """
+    head = {"head_init": head_init, "head_init_gain": head_init_gain, "layer_init": layer_init}
     if arch == "plain":
-        return Net(nn.Flatten(), math.prod(input_shape), width, head_layers, num_classes, head_init,
-                   head_init_gain, project=False)
+        return Net(nn.Flatten(), math.prod(input_shape), width, head_layers, num_classes, project=False,
+                   **head)
     if arch == "mlp":
         backbone, dim = MLP(math.prod(input_shape), list(mlp_widths or []), width, bias, init_gain), width
     elif arch == "resnet20":
         backbone, dim = ResNet20(input_shape[0]), ResNet20.out_dim
-    elif arch == "resnet18":
-        backbone = resnet18_small(input_shape[0])
+    elif arch in ("resnet18", "resnet18_imagenet"):
+        backbone = (resnet18_small if arch == "resnet18" else resnet18_imagenet)(input_shape[0])
         dim = backbone.out_dim
     else:
-        raise ValueError(f"unknown arch {arch!r}; choose mlp, resnet20, resnet18 or plain")
-    return Net(backbone, dim, width, head_layers, num_classes, head_init, head_init_gain)
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    return Net(backbone, dim, width, head_layers, num_classes, **head)
