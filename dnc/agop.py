@@ -7,7 +7,8 @@ Definitions, conventions and the meaning of every returned key are in docs/agop.
 - `svd_split`, `layer_split_metrics`, `stack_split_metrics`: NC1/NC2 of a Linear+ReLU layer's
   input, of its right singular projection S V^T Phi, of its output ReLU(W Phi + b) and of
   Phi AGOP^{1/2} (the representations dnc.layout.ANALYSIS_REPRESENTATIONS); the SVD share, the NFA.
-  The bias b is optional (None: the bias-free layers of the DUFM heads).
+  The bias b is optional (None: the bias-free layers of the DUFM heads). In a stack, Phi is each
+  layer's input ("post", default) or the previous layer's pre-activation ("pre", the AGOP paper's code).
 - `rest_of_network`, `layer_agops`: each layer's input and AGOP for a Linear+ReLU stack.
 """
 
@@ -238,7 +239,8 @@ def layer_split_metrics(Phi: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
 def stack_split_metrics(Phi: torch.Tensor, weights: Sequence[torch.Tensor], labels: torch.Tensor,
                         agops: Sequence[torch.Tensor] | None = None, nc1_key: str = "nc1_trace",
                         convention: Convention | None = None, nfa: bool = True,
-                        biases: Sequence[torch.Tensor | None] | None = None) -> list[LayerSplit]:
+                        biases: Sequence[torch.Tensor | None] | None = None,
+                        split_input: str = "post") -> list[LayerSplit]:
     """layer_split_metrics of every layer of a Linear+ReLU stack, in depth order.
 
     Args:
@@ -249,18 +251,31 @@ def stack_split_metrics(Phi: torch.Tensor, weights: Sequence[torch.Tensor], labe
         nc1_key, convention, nfa: as in layer_split_metrics.
         biases: optional b_1..b_m (each (d_l,) or None): layer l is ReLU(Phi W_l^T + b_l) and its
             output, the next layer's input, includes b_l. None (default): a bias-free stack.
+        split_input: the Phi that layer l's split takes (docs/agop.md, "Split input"): "post" (its
+            input, layer l-1's output: the network's own computation) or "pre" (layer l-1's
+            pre-activation Phi_{l-1} W_{l-1}^T + b_{l-1}, as in the AGOP paper's code; the first
+            layer, which has no previous layer, takes Phi either way). The stack itself always
+            runs on the post-activation inputs, and the AGOPs (hence the NFA) belong to those.
     """
     if agops is not None and len(agops) != len(weights):
         raise ValueError(f"{len(agops)} AGOPs for {len(weights)} layers")
     if biases is not None and len(biases) != len(weights):
         raise ValueError(f"{len(biases)} biases for {len(weights)} layers")
+    if split_input not in ("post", "pre"):
+        raise ValueError(f"split_input must be 'post' or 'pre', got {split_input!r}")
     splits: list[LayerSplit] = []
+    phi_split = Phi  # what layer l's split takes; Phi itself is the network's input of layer l
     for l, W in enumerate(weights):
-        split = layer_split_metrics(Phi, W, labels, None if agops is None else agops[l], nc1_key,
-                                    convention, nfa, name=f"layer {l + 1}",
-                                    bias=None if biases is None else biases[l])
+        bias = None if biases is None else biases[l]
+        split = layer_split_metrics(phi_split, W, labels, None if agops is None else agops[l], nc1_key,
+                                    convention, nfa, name=f"layer {l + 1}", bias=bias)
         splits.append(split)
-        Phi = split.output
+        if split_input == "post":
+            Phi = phi_split = split.output  # the split's ReLU(Phi W^T + b) is the next input
+        else:
+            Phi64 = Phi.detach().to(ACC)
+            phi_split = _affine(Phi64, W.detach().to(device=Phi64.device, dtype=ACC), bias)
+            Phi = torch.relu(phi_split)
     return splits
 
 

@@ -14,15 +14,18 @@ from dnc.logs import configure_logging
 from dnc.metrics import Convention
 from dnc.nets.analysis import analyze_epochs
 from dnc.nets.train import reached_epochs, read_history
+from dnc.settings import NetConfig
 
 log = configure_logging(snakemake.log[0])
 run_id, p, inp = snakemake.wildcards.run, snakemake.params, snakemake.input
 torch.set_num_threads(snakemake.threads)
 convention = Convention(**p.convention)
 splits = {s: read_split(inp.dataset, s)[:2] for s in ("train", "test")}
-agop_samples = p.settings.get("agop_samples")
+cfg = NetConfig.from_settings(p.settings)  # validated, with the defaults of settings a config omits
+agop_samples, split_input = cfg.agop_samples, cfg.split_input
 epochs = reached_epochs(p.settings["feature_epochs"], read_history(inp.history))
 table = analyze_epochs(run_id, inp.snapshots, epochs, splits, str(resolve_device(p.device)), agop_samples,
-                       convention)
+                       convention, split_input)
 write_parquet(table, snakemake.output.analysis, {"dnc:run": run_id, "dnc:convention": convention.__dict__,
-                                                 "dnc:agop_samples": agop_samples})
+                                                 "dnc:agop_samples": agop_samples,
+                                                 "dnc:split_input": split_input})

@@ -86,9 +86,13 @@ def test_analyze_epochs_is_analyze_splits_per_epoch_with_run_and_convention(run)
     conv = Convention()
     table = analyze_epochs("r", root / "snapshots", [2], data, agop_samples=9, convention=conv)
     assert list(table.columns) == ["run", *COLUMNS, "convention"]
-    assert set(table["convention"]) == {f"{conv.describe()};agop_samples=9"}
+    assert set(table["convention"]) == {f"{conv.describe()};agop_samples=9;split_input=post"}
     net, _ = restore_net(root / "snapshots" / "epoch2.pt")
     pd.testing.assert_frame_equal(table[COLUMNS], analyze_splits(net, data, 2, 9, conv))
+    pre = analyze_epochs("r", root / "snapshots", [2], data, "cpu", 9, conv, split_input="pre")
+    assert set(pre["convention"]) == {f"{conv.describe()};agop_samples=9;split_input=pre"}
+    pd.testing.assert_frame_equal(pre[COLUMNS], analyze_splits(net, data, 2, 9, conv, "pre"))
+    assert not pre[COLUMNS].equals(table[COLUMNS])  # the head's second layer sees another Phi
     empty = analyze_epochs("r", root / "snapshots", [], data)
     assert empty.empty and list(empty.columns) == list(table.columns)
     assert [str(empty[c].dtype) for c in ("layer", "step", "value")] == ["int64", "int64", "float64"]

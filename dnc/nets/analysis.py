@@ -12,6 +12,8 @@ layers), with input Phi (rows) and W_l = U S V^T, the collapse metrics of four r
 
 and the per-layer scalars (representation "weights") svd_share, svd_share_linear (of that split's
 NC1, trace form) and, once per epoch with split "train", the NFA correlations nfa_sqrt, nfa_plain.
+split_input "pre" gives the split of layer l >= 2 layer l-1's pre-activation as Phi instead (the AGOP
+paper's code, docs/agop.md "Split input"); the AGOP and the NFA stay those of the layer's input.
 The AGOP is always taken over training rows (all, or agop_samples of them balanced over classes:
 agop_rows). Everything after the network's H_1 is computed in float64 on the network's device.
 """
@@ -94,7 +96,7 @@ def network_agops(net: Net, X: torch.Tensor, y: torch.Tensor, agop_samples: int 
 
 def analyze_network(net: Net, X: torch.Tensor, y: torch.Tensor, split: str, step: int,
                     agop_samples: int | None = None, agops: list[torch.Tensor] | None = None,
-                    convention: Convention | None = None) -> pd.DataFrame:
+                    convention: Convention | None = None, split_input: str = "post") -> pd.DataFrame:
     """Tidy rows (COLUMNS) of every head ReLU layer of one network at one epoch, on one split.
 
     Args:
@@ -105,6 +107,8 @@ def analyze_network(net: Net, X: torch.Tensor, y: torch.Tensor, split: str, step
         agop_samples: training rows for the AGOP when agops is None (then X, y must be the train split).
         agops: network_agops(net, X_train, y_train, ...) computed once for all splits.
         convention: of the collapse metrics (dnc.metrics.Convention; default Convention()).
+        split_input: Phi of each layer's split, "post" (its input) or "pre" (the previous head
+            layer's pre-activation; layer 1 takes H_1 either way): dnc.agop.stack_split_metrics.
 
     Returns:
         DataFrame with columns layer, representation, split, step, metric, value. NaN only where
@@ -118,7 +122,7 @@ def analyze_network(net: Net, X: torch.Tensor, y: torch.Tensor, split: str, step
         agops = network_agops(net, X, y, agop_samples)
     weights, _ = head_stack(net)
     splits = stack_split_metrics(head_inputs(net, X), weights, torch.as_tensor(y), agops,
-                                 convention=convention, nfa=split == "train")
+                                 convention=convention, nfa=split == "train", split_input=split_input)
     rows = [(layer, rep, split, step, k, v)
             for layer, s in enumerate(splits, start=1)
             for rep, values in [*s.metrics.items(), ("weights", s.scalars)] for k, v in values.items()]
@@ -127,10 +131,12 @@ def analyze_network(net: Net, X: torch.Tensor, y: torch.Tensor, split: str, step
 
 
 def analyze_splits(net: Net, splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int,
-                   agop_samples: int | None = None, convention: Convention | None = None) -> pd.DataFrame:
+                   agop_samples: int | None = None, convention: Convention | None = None,
+                   split_input: str = "post") -> pd.DataFrame:
     """analyze_network on every split of {"train": (X, y), ...} with one AGOP from the train split."""
     agops = network_agops(net, *splits["train"], agop_samples)
-    frames = [analyze_network(net, X, y, split, step, agops=agops, convention=convention)
+    frames = [analyze_network(net, X, y, split, step, agops=agops, convention=convention,
+                              split_input=split_input)
               for split, (X, y) in splits.items()]
     return pd.concat(frames, ignore_index=True)
 
@@ -143,20 +149,21 @@ def empty_analysis() -> pd.DataFrame:
 
 def analyze_epochs(run: str, snapshots: str | os.PathLike, epochs: Sequence[int],
                    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], device: str = "cpu",
-                   agop_samples: int | None = None, convention: Convention | None = None) -> pd.DataFrame:
+                   agop_samples: int | None = None, convention: Convention | None = None,
+                   split_input: str = "post") -> pd.DataFrame:
     """The analyze_network stage: analyze_splits of the network snapshot of every epoch (dnc.layout
     snapshot_file in the snapshots folder), as one tidy table with columns run, COLUMNS, convention
-    (the metrics convention and agop_samples). No epoch (a run that diverged before its first
-    feature epoch): no rows, the same columns."""
+    (the metrics convention, agop_samples and split_input). No epoch (a run that diverged before
+    its first feature epoch): no rows, the same columns."""
     convention = convention or Convention()
     frames = []
     for epoch in epochs:
         net, _ = restore_net(snapshot_file(snapshots, epoch), device)
-        frames.append(analyze_splits(net, splits, epoch, agop_samples, convention))
+        frames.append(analyze_splits(net, splits, epoch, agop_samples, convention, split_input))
         at = frames[-1].query("split == 'train' and metric in ('nc1_trace', 'svd_share', 'nfa_sqrt')")
         log.info("epoch %d (train):\n%s", epoch,
                  at.pivot_table("value", "layer", ["representation", "metric"]))
     table = pd.concat(frames, ignore_index=True) if frames else empty_analysis()
     table.insert(0, "run", run)
-    table["convention"] = f"{convention.describe()};agop_samples={agop_samples}"
+    table["convention"] = f"{convention.describe()};agop_samples={agop_samples};split_input={split_input}"
     return table
