@@ -5,6 +5,7 @@ API signatures move). Which jobs a change reruns is read from Snakemake's own dr
 """
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -56,13 +57,13 @@ def workdir_copy(tmp: Path) -> Path:
     return tmp
 
 
-def snakemake(wd: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+def snakemake(wd: Path, config: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (wd / "test-config.yaml").write_text(yaml.safe_dump(config))
     # --configfile takes several values: everything else goes before it.
     cmd = [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile",
            str(wd / "Snakefile"), "--cores", "2", "--workflow-profile", "none", *args,
            "--configfile", str(wd / "test-config.yaml")]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def planned_jobs(wd: Path, config: dict) -> set[tuple[str, str]]:
@@ -341,8 +342,7 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     assert counts["prepare_dataset"] == "5" and counts["train_network"] == "3"
     assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1))  # seeds x (mnist, svhn, cifar cos, cifar relu)
     assert batch_jobs == n_dufm // 10 and counts["compare_network"] == "3"  # batches of 10 runs
-    assert "--gpus" not in out.stdout  # local dry run; the GPU request is a resource:
-    assert "gpu=1" in out.stdout
+    assert "--gpus" not in out.stdout  # local dry run: a resource (test_local_gpu_jobs_declare_one_gpu_each)
 
 
 def _killed_then_resumed(tmp_path, cfg) -> tuple[str, pd.DataFrame]:
@@ -471,3 +471,44 @@ def test_parsing_the_workflow_imports_no_torch_and_no_plotting(tmp_path):
                 if line.startswith("import time:")}
     assert "dnc.config" in imported and "dnc.paths" in imported  # the listing is real
     assert not {m for m in imported if m.split(".")[0] in ("torch", "matplotlib", "torchvision")}
+
+
+# The rules of TINY whose jobs compute on the config's device (params device=...).
+DEVICE_RULES = {"dufm_train", "dufm_measure", "train_network", "extract_features", "compute_metrics",
+                "analyze_network", "deep_rfm"}
+
+
+def planned_gpus(wd: Path, config: dict, env: dict) -> dict[str, set[int]]:
+    """Rule (a DUFM batch's rule as dufm_train / dufm_measure) -> the gpu resources of its planned jobs."""
+    out = snakemake(wd, config, "-n", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gpus: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=rule \w+:)", out.stdout + out.stderr)[1:]:
+        rule = re.sub(r"^(dufm_train|dufm_measure)_.*", r"\1", re.match(r"rule (\w+):", block).group(1))
+        gpu = re.search(r"resources: .*\bgpu=(\d+)", block)
+        gpus.setdefault(rule, set()).add(int(gpu.group(1)) if gpu else 0)
+    return gpus
+
+
+def test_local_gpu_jobs_declare_one_gpu_each(tmp_path, monkeypatch):
+    """On a machine with GPUs (here a stand-in nvidia-smi listing two, read where the driver has no
+    /proc entries) every local job that computes on the device asks for one GPU and no other job
+    does, so that make run's --resources gpu=N runs N of them at once, each on its own GPU; with
+    device cpu none asks; a pinned cuda:0 takes every GPU (its jobs share that one GPU)."""
+    from dnc.device import local_gpus
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: A (UUID: GPU-a)'\necho 'GPU 1: B (UUID: GPU-b)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    machine = local_gpus()  # what the workflow counts in the same environment
+    if machine == 0:
+        pytest.skip("CUDA_VISIBLE_DEVICES hides every GPU")
+    (tmp_path / "wd").mkdir()
+    wd, env = workdir_copy(tmp_path / "wd"), dict(os.environ)
+    for device, expected in (("auto", 1), ("cuda", 1), ("cpu", 0), ("cuda:0", machine)):
+        gpus = planned_gpus(wd, {**TINY, "device": device}, env)
+        assert DEVICE_RULES < set(gpus)
+        assert {r: g for r, g in gpus.items() if r in DEVICE_RULES} == dict.fromkeys(DEVICE_RULES, {expected})
+        assert all(g == {0} for r, g in gpus.items() if r not in DEVICE_RULES), (device, gpus)
