@@ -43,12 +43,14 @@ def test_representations_follow_the_dufm_layout(arch, shape):
     torch.testing.assert_close(reps["l3_pre"], reps["l2_post"] @ net.head.weights[1].T)
 
 
-def test_training_is_deterministic_and_resumes_after_a_kill(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_is_deterministic_and_resumes_after_a_kill(tmp_path, optimizer):
     data = gaussian_data()
-    full = train_network(cfg(), data, tmp_path / "a", 4, progress=False)
-    killed = train_network(cfg(), data, tmp_path / "b", 4, progress=False, stop_after=2)
+    c = cfg(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-2)
+    full = train_network(c, data, tmp_path / "a", 4, progress=False)
+    killed = train_network(c, data, tmp_path / "b", 4, progress=False, stop_after=2)
     assert len(killed) == 2
-    resumed = train_network(cfg(), data, tmp_path / "b", 4, progress=False)
+    resumed = train_network(c, data, tmp_path / "b", 4, progress=False)
     assert resumed == full  # same numbers, as if never interrupted
     a, _ = restore_net(tmp_path / "a" / "epoch4.pt")
     b, _ = restore_net(tmp_path / "b" / "epoch4.pt")
@@ -71,16 +73,20 @@ def test_non_finite_loss_is_named(tmp_path):
         train_network(cfg(lr=1e12, loss="mse"), gaussian_data(), tmp_path, 4, run="boom", progress=False)
 
 
-def test_a_diverging_run_stops_with_a_non_finite_row(tmp_path):
+def test_a_diverging_run_stops_with_a_non_finite_row(tmp_path, caplog):
     """on_nonfinite="stop": the run ends at the epoch where the loss became non-finite; only the
     feature epochs before it count as reached; a finite run reaches them all."""
-    import math
+    import re
 
     from dnc.nets.train import diverged_epoch, reached_epochs
 
-    rows = train_network(cfg(lr=1e12, loss="mse", feature_epochs=(0, 1, 3)), gaussian_data(), tmp_path,
-                         4, run="boom", progress=False, on_nonfinite="stop")
+    with caplog.at_level("WARNING", logger="dnc.nets.train"):
+        rows = train_network(cfg(lr=1e12, loss="mse", feature_epochs=(0, 1, 3)), gaussian_data(), tmp_path,
+                             4, run="boom", progress=False, on_nonfinite="stop")
     assert [r["epoch"] for r in rows] == [1] and not math.isfinite(rows[-1]["train_loss"])
+    # The row's lr is the one of the diverging mini-batch b: cosine over 4 epochs of 5 batches.
+    b = int(re.search(r"epoch 1, batch (\d+)", caplog.text).group(1))
+    assert rows[-1]["lr"] == pytest.approx(1e12 * 0.5 * (1 + math.cos(math.pi * b / 20)), rel=1e-12)
     assert math.isnan(rows[-1]["test_acc"])
     assert diverged_epoch(rows) == 1 and reached_epochs([0, 1, 3], rows) == [0]
     assert not (tmp_path / "last.pt").exists()  # nothing saved of the non-finite parameters

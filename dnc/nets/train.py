@@ -6,9 +6,17 @@ objective of docs/theory.md section 1, dnc.dufm.model.objective, with the backbo
     mean_{i in B} [ loss_i + (N lambda_H1 / 2) ||h_i||^2 ] + sum_l (lambda_W_l / 2) ||W_l||^2
         + (weight_decay / 2) ||backbone||^2
 
-loss_i is (1/2)||z_i - y_i||^2 for "mse" (one-hot targets) and "mse_pm1" (+1/-1 targets), or the
-cross-entropy for "ce". The sum over samples of the H_1 penalty is what the DUFM has, so it is
-scaled by N here.
+loss_i is (1/2)||z_i - y_i||^2 for "mse" (one-hot targets) and "mse_pm1" (+1/-1 targets) with
+loss_reduction "half_sum", or (1/K)||z_i - y_i||^2 with "mean" (the batch mean is then nn.MSELoss,
+the AGOP paper's loss), or the cross-entropy for "ce" (either reduction). The sum over samples of
+the H_1 penalty is what the DUFM has, so it is scaled by N here; the reduction does not change it.
+
+Optimiser: one for the run (optimizer_restart "run"), or a new one at the start of every epoch
+("epoch", as the AGOP paper's train_step: Adam's moments and step count restart), whose learning
+rate schedule still follows the run's global step.
+
+Host reads: the training rows are placed once per run (dnc.nets.rows: on the device when they fit)
+and an epoch (dnc.nets.epoch) reads the device once, at its end; evaluation once per split.
 
 Checkpoints (one dict of tensors and plain types: model, optimizer, scheduler, epoch, config,
 history) are written atomically to <resume>/last.pt every checkpoint_every epochs and to
@@ -18,9 +26,10 @@ The resume folder is the training job's private scratch space; export_snapshots 
 feature epochs to the declared output folder that feature extraction reads.
 
 Divergence (on_nonfinite="stop", as the pipeline trains): a non-finite mini-batch loss ends the run
-with a last history row whose train_loss is that value and whose other measurements are NaN; the
-later stages measure only the feature epochs reached before it (reached_epochs) and the run's
-verdict is "diverged" (docs/schemas.md).
+at the end of its epoch (the epoch's remaining updates run on non-finite numbers and are discarded
+with the run) with a last history row whose train_loss is that value, whose lr is the one of that
+mini-batch and whose other measurements are NaN; the later stages measure only the feature epochs
+reached before it (reached_epochs) and the run's verdict is "diverged" (docs/schemas.md).
 """
 
 from __future__ import annotations
@@ -34,32 +43,22 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from dnc.device import resolve_device
 from dnc.errors import NonFiniteLossError
 from dnc.io import atomic_path, read_frame
 from dnc.layout import snapshot_file
+from dnc.nets.epoch import Divergence, epoch_steps, evaluate, sample_loss, targets_for, train_epoch
 from dnc.nets.models import Net, build_net
+from dnc.nets.rows import place_splits
 from dnc.settings import NetConfig
 from dnc.theory.dnc import lambda_vector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_network", "load_checkpoint", "restore_net", "export_snapshots", "sample_loss",
-           "diverged_epoch", "reached_epochs", "read_history", "HISTORY_COLUMNS"]
-
-
-def targets_for(y: torch.Tensor, K: int, kind: str) -> torch.Tensor:
-    onehot = F.one_hot(y, K).to(torch.float32)
-    return 2 * onehot - 1 if kind == "mse_pm1" else onehot
-
-
-def sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample loss (B,): (1/2)||z - t||^2 for the MSE kinds, cross-entropy for ce."""
-    if kind == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
-    return 0.5 * ((logits - targets_for(y, logits.shape[1], kind)) ** 2).sum(dim=1)
+__all__ = ["train_network", "train_epoch", "epoch_steps", "Divergence", "evaluate", "load_checkpoint",
+           "restore_net", "export_snapshots", "sample_loss", "targets_for", "diverged_epoch",
+           "reached_epochs", "read_history", "HISTORY_COLUMNS"]
 
 
 def _optimizer(net: Net, cfg: NetConfig) -> torch.optim.Optimizer:
@@ -73,7 +72,9 @@ def _optimizer(net: Net, cfg: NetConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr)  # L2 decay added to the gradient, as in SGD
 
 
-def _scheduler(opt: torch.optim.Optimizer, cfg: NetConfig, steps_per_epoch: int):
+def _scheduler(opt: torch.optim.Optimizer, cfg: NetConfig, steps_per_epoch: int, start_step: int = 0):
+    """The run's schedule over its global step; start_step: the global step of opt's first update
+    (an optimiser restarted at an epoch keeps the run's schedule, not one of its own)."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "cosine":
         fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
@@ -81,21 +82,7 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: NetConfig, steps_per_epoch: int)
         fn = lambda s: 0.1 ** ((s >= total // 2) + (s >= 3 * total // 4))  # noqa: E731
     else:
         fn = lambda s: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
-
-
-@torch.no_grad()
-def evaluate(net: Net, X: torch.Tensor, y: torch.Tensor, cfg: NetConfig, batch: int = 1024):
-    """(mean loss, accuracy) over a whole split, in eval mode."""
-    net.eval()
-    dev = next(net.parameters()).device
-    total, correct = 0.0, 0
-    for i in range(0, len(y), batch):
-        xb, yb = X[i:i + batch].to(dev), y[i:i + batch].to(dev)
-        logits, _ = net(xb)
-        total += float(sample_loss(logits, yb, cfg.loss).sum())
-        correct += int((logits.argmax(1) == yb).sum())
-    return total / len(y), correct / len(y)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: fn(s + start_step))
 
 
 def _save(path: Path, state: dict) -> None:
@@ -114,12 +101,17 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
 
 
 def _resume(out: Path, cfg: NetConfig, net: Net, opt: torch.optim.Optimizer, sched, run: str,
-            on_conflict: str, device: str) -> tuple[list[dict], int]:
+            on_conflict: str) -> tuple[list[dict], int]:
     """(history, first epoch to train): from <out>/last.pt, loaded into net, opt and sched, when it
     holds this config; ([], 1) when there is none or, with on_conflict="restart", it holds another
-    (its checkpoints are then deleted)."""
+    (its checkpoints are then deleted).
+
+    The checkpoint is read on the CPU: load_state_dict copies the model's tensors to its device and
+    the optimiser's state to its parameters' device, except Adam's step counters, which stay on the
+    CPU as they were saved (on the device they would cost two device reads per parameter and step).
+    """
     last = out / "last.pt"
-    ck = load_checkpoint(last, device) if last.exists() else None
+    ck = load_checkpoint(last, "cpu") if last.exists() else None
     if ck is not None and ck["config"] != cfg.resume_key():
         if on_conflict != "restart":
             raise ValueError(f"{last}: checkpoint of another config; delete {out} to start over")
@@ -134,31 +126,6 @@ def _resume(out: Path, cfg: NetConfig, net: Net, opt: torch.optim.Optimizer, sch
     sched.load_state_dict(ck["scheduler"])
     log.info("%s: resumed after epoch %d from %s", run, ck["epoch"], last)
     return ck["history"], ck["epoch"] + 1
-
-
-def _train_epoch(net: Net, opt: torch.optim.Optimizer, sched, cfg: NetConfig, X: torch.Tensor,
-                 y: torch.Tensor, epoch: int, dev: torch.device) -> tuple[float, int] | None:
-    """The mini-batch updates of one epoch over the N training rows X (N, *shape), y (N,).
-
-    Returns None, or (loss, batch index) of the first non-finite mini-batch loss: the epoch stops
-    there, before that batch's update.
-    """
-    net.train()
-    N = len(y)
-    # A fixed permutation per (seed, epoch), so resumed runs see the same batches.
-    perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    for i in range(0, N, cfg.batch_size):
-        idx = perm[i:i + cfg.batch_size]
-        xb, yb = X[idx].to(dev), y[idx].to(dev)
-        logits, h = net(xb)
-        loss = (sample_loss(logits, yb, cfg.loss) + 0.5 * N * cfg.lambda_H1 * (h**2).sum(1)).mean()
-        if not torch.isfinite(loss):
-            return float(loss.detach()), i // cfg.batch_size
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return None
 
 
 def _diverged(message: str, on_nonfinite: str) -> None:
@@ -193,9 +160,11 @@ def train_network(
     net = build_net(cfg.arch, list(Xtr.shape[1:]), num_classes, cfg.head_width, cfg.head_layers,
                     list(cfg.mlp_widths), cfg.bias, cfg.init_gain, cfg.head_init,
                     cfg.head_init_gain).to(dev)
+    rows = place_splits(data, lambda y: targets_for(y, num_classes, cfg.loss), dev)
+    steps_per_epoch = math.ceil(len(ytr) / cfg.batch_size)
     opt = _optimizer(net, cfg)
-    sched = _scheduler(opt, cfg, math.ceil(len(ytr) / cfg.batch_size))
-    history, start = _resume(out, cfg, net, opt, sched, run, on_conflict, str(dev))
+    sched = _scheduler(opt, cfg, steps_per_epoch)
+    history, start = _resume(out, cfg, net, opt, sched, run, on_conflict)
 
     def checkpoint(epoch: int, path: Path) -> None:
         _save(path, {"model": net.state_dict(), "optimizer": opt.state_dict(),
@@ -207,17 +176,22 @@ def train_network(
     bar = tqdm(range(start, cfg.epochs + 1), desc=run, disable=not progress, initial=start - 1,
                total=cfg.epochs)
     for epoch in bar:
-        bad = _train_epoch(net, opt, sched, cfg, Xtr, ytr, epoch, dev)
+        if cfg.optimizer_restart == "epoch":
+            # A fresh optimiser (so a resumed run needs none of the checkpoint's optimiser state)
+            # on the run's schedule from this epoch's first global step.
+            opt = _optimizer(net, cfg)
+            sched = _scheduler(opt, cfg, steps_per_epoch, (epoch - 1) * steps_per_epoch)
+        bad = train_epoch(net, opt, sched, cfg, rows["train"], epoch)
         if bad is not None:
-            _diverged(f"run {run!r}: non-finite loss {bad[0]} at epoch {epoch}, batch {bad[1]}; lower lr "
-                      f"({cfg.lr})", on_nonfinite)
-            history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+            _diverged(f"run {run!r}: non-finite loss {bad.loss} at epoch {epoch}, batch {bad.batch}; lower "
+                      f"lr ({cfg.lr})", on_nonfinite)
+            history.append({"epoch": epoch, "lr": bad.lr,
                             **{f"{s}_{m}": math.nan for s in data for m in ("loss", "acc")},
-                            "train_loss": bad[0]})
+                            "train_loss": bad.loss})
             break
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
-        for split, (X, y) in data.items():
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, X, y, cfg)
+        for split, split_rows in rows.items():
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, split_rows, cfg)
         history.append(row)
         if not math.isfinite(row["train_loss"]):
             # The last update of the epoch made the parameters non-finite (its mini-batch loss was
