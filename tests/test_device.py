@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import dnc.io
 from dnc import device
 from dnc.device import DeviceError, claim_slot, configure_determinism, local_gpus, resolve_device
-from dnc.io import DEVICE_KEY, read_metadata, write_parquet
+from dnc.io import DEVICE_KEY, read_metadata, set_device_record, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a usable GPU")
@@ -209,3 +211,31 @@ def test_resolved_device_is_recorded_in_every_output(clean_env, tmp_path):
     assert record["torch"] == torch.__version__ and record["cuda"] == torch.version.cuda
     assert record["deterministic"] == torch.are_deterministic_algorithms_enabled()
     assert read_metadata(tmp_path / "t.parquet", "dnc:run") == "r"  # the stage's own keys stay
+
+
+def test_report_lists_each_stages_devices_and_flags_mixed_ones(clean_env, tmp_path):
+    from dnc.report.devices import read_devices, render_device_section
+
+    gpu = {"device": "cuda:0", "name": "NVIDIA H200", "torch": "2.14.1", "cuda": "13.0",
+           "deterministic": True, "tf32": {"matmul": False, "cudnn": False}}
+    files: dict[str, list[str]] = {"rfm_metrics": [], "rfm_layers": []}
+    for run, record in (("a", gpu), ("b", {**gpu, "device": "cpu", "name": "cpu", "deterministic": False})):
+        set_device_record(record)
+        for key, name in (("rfm_metrics", f"metrics/{run}/metrics.parquet"),
+                          ("rfm_layers", f"rfm/{run}/layers.parquet")):
+            write_parquet(pd.DataFrame({"x": [1.0]}), tmp_path / name)
+            files[key].append(str(tmp_path / name))
+    old = tmp_path / "nets" / "c" / "history.parquet"  # written before dnc:device existed
+    old.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), old)
+    files["net_histories"] = [str(old)]
+    devices = read_devices(files).set_index(["stage", "run"])
+    assert len(devices) == 3  # a stage's two files of one run make one row
+    assert devices.loc[("deep_rfm", "a")].to_dict() == {
+        "device": "cuda:0", "name": "NVIDIA H200", "torch": "2.14.1", "cuda": "13.0", "deterministic": "yes",
+        "tf32": "off"}
+    assert devices.loc[("deep_rfm", "b"), "deterministic"] == "no"
+    assert set(devices.loc[("train_network", "c")]) == {"not recorded"}
+    html = render_device_section(devices.reset_index())
+    assert "<h2>Devices</h2>" in html and "NVIDIA H200" in html and "not recorded" in html
+    assert "Mixed devices</b> in deep_rfm:" in html  # train_network has one device (unrecorded)

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import wait_for_checkpoint
 
 from dnc.dufm.compare import VERDICTS
+from dnc.io import read_metadata
 from dnc.theory import dnc_optimum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +133,34 @@ def test_full_run_writes_report_and_tables(finished):
     hist = pd.read_parquet(finished / "results/dufm/other-s0/history.parquet")
     assert {"loss", "fit", "reg_H1", "reg_W1", "reg_W2", "reg_W3", "grad_norm"} <= set(hist.columns)
     assert not list(finished.rglob("*.tmp"))
+
+
+def test_every_output_records_its_device_and_the_report_lists_them(finished):
+    """Each stage's Parquet outputs carry dnc:device from the process that computed them
+    (docs/schemas.md): TINY's device, the CPU, with the settings of configure_determinism in the
+    stages that compute with torch; stages that never resolve a device record the CPU alone. The
+    report's Devices section lists each stage."""
+    res = finished / "results"
+    features = sorted((res / "nets/net-s0/features").glob("*.parquet"))
+    determined = [res / "dufm/other-s0/history.parquet", res / "dufm/other-s0/features.parquet",
+                  res / "metrics/other-s0/metrics.parquet", res / "theory/other-s0/verdict.parquet",
+                  res / "nets/net-s0/history.parquet", res / "nets/net-s0/objective.parquet",
+                  res / "metrics/net-s0/metrics.parquet", *features]
+    for path in determined:
+        record = read_metadata(path, "dnc:device")
+        assert record["device"] == "cpu" and record["deterministic"] is True, (path, record)
+        assert record["tf32"] == {"matmul": False, "cudnn": False} and record["torch"] == torch.__version__
+    for path in (res / "analysis/net-s0/analysis.parquet", res / "metrics/rfm-agopTrue-s0/metrics.parquet"):
+        assert read_metadata(path, "dnc:device")["device"] == "cpu", path
+    for path in (res / "datasets/blobs.parquet", res / "theory/net-s0/verdict.parquet",
+                 res / "report/summary.parquet"):
+        assert read_metadata(path, "dnc:device") == {"device": "cpu"}, path  # no device resolved there
+    html = (res / "report/index.html").read_text()
+    section = html[html.index("<h2>Devices</h2>"):]
+    for stage in ("dufm_train", "dufm_measure", "train_network", "compute_metrics", "compare_network",
+                  "analyze_network / analyze_model", "deep_rfm"):
+        assert f"<td>{stage}</td>" in section, stage
+    assert "Mixed devices" not in section
 
 
 def test_k2_runs_reach_the_closed_form_optimum_end_to_end(finished):

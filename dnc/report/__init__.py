@@ -12,6 +12,7 @@ import pandas as pd
 from dnc.io import atomic_path, read_frame, write_parquet
 from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
+from dnc.report.devices import read_devices, render_device_section
 from dnc.report.dufm import render_dufm_section
 from dnc.report.lowrank import render_lowrank_section
 from dnc.report.models import model_claims, render_model_section
@@ -29,7 +30,8 @@ TITLE = "dnc report: deep neural collapse against theory"
 
 def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, pd.DataFrame],
                  configfiles: list[str], missing: pd.DataFrame | None = None, *,
-                 model_runs: dict | None = None) -> tuple[pd.DataFrame, str]:
+                 model_runs: dict | None = None,
+                 devices: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
     """The summary table and the HTML page.
 
     Args:
@@ -41,6 +43,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         missing: runs that did not finish (status.missing_runs): left out, listed at the top.
         model_runs: model experiments (experiment name = run id -> settings; config `models:`).
             None or empty: the page and summary are exactly those of a config without them.
+        devices: the device record of each stage's files (devices.read_devices), shown in a
+            "Devices" section at the end; None: no such section.
     """
     missing = missing if missing is not None else pd.DataFrame(columns=["run", "missing"])
     model_runs = model_runs or {}
@@ -104,6 +108,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         parts.append(render_model_section(model_runs, model_metrics))
     if not rfm_config.empty:
         parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"]))
+    if devices is not None:
+        parts.append(render_device_section(devices[~devices["run"].isin(gone)]))
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
     return summary, page(TITLE, parts)
 
@@ -128,7 +134,7 @@ def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict
     tables = {key: pd.concat([read_frame(f) for f in fs], ignore_index=True) if fs else pd.DataFrame()
               for key, fs in files.items()}
     summary, html = build_report(runs, net_runs, rfm_runs, tables, configfiles, missing,
-                                 model_runs=model_runs)
+                                 model_runs=model_runs, devices=read_devices(files))
     write_parquet(summary, summary_path)
     with atomic_path(html_path) as tmp:
         tmp.write_text(html, encoding="utf-8")
