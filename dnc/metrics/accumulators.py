@@ -294,9 +294,10 @@ def layer_metrics(
             section 3), so float32 rounding is never inverted as a between-class direction.
 
     Returns:
-        Mapping metric name -> float with at least nc1_pinv, nc1_trace, cdnv, nc2_etf,
-        nc2_orth, rank_means and, when weight is given, nc3_span, nc3_rowalign (and nc3 for a
-        classifier, d_out = K).
+        Mapping metric name -> float with at least nc1_pinv, nc1_trace, sigma_w_total,
+        sigma_b_total, cdnv, nc2_etf, nc2_agop (K >= 2), nc2_orth, rank_means and, when weight is
+        given, nc3_span, nc3_rowalign (and nc3 for a classifier, d_out = K); every key:
+        docs/metrics.md section 5.
     """
     conv = convention or Convention()
     H = to_tensor(features)
