@@ -132,9 +132,24 @@ def test_rows_that_do_not_fit_are_copied_without_blocking():
     for b, n in counts.items():
         assert n["reads"] == 1 and n["to_host"] == 0 and n["blocking"] == 0
         assert n["async_copies"] == 3 * b  # inputs, labels and targets of every batch
-    assert all(not r.resident for r in place_splits(
-        {"train": (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))}, lambda y: None,
-        torch.device("meta"), resident=False).values())
+
+
+def test_rows_stay_on_the_host_when_the_device_lacks_the_memory(monkeypatch):
+    """All splits together (inputs, labels, targets) against DEVICE_SHARE of the free memory, with
+    the CUDA memory query stubbed: 2 x 10 rows of 3 float32 + int64 labels + 4 float32 targets."""
+    from dnc.nets import rows as placement
+
+    nbytes = 2 * 10 * (3 * 4 + 8 + 4 * 4)
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10**12))
+    cuda_dev = torch.device("cuda")
+    for fits in (True, False):
+        free["bytes"] = int(nbytes / placement.DEVICE_SHARE) + (1 if fits else -1)
+        assert placement.fits_on_device(nbytes, cuda_dev) == fits
+    data = {s: (torch.zeros(10, 3), torch.zeros(10, dtype=torch.long)) for s in ("train", "test")}
+    placed = place_splits(data, lambda y: torch.zeros(len(y), 4), cuda_dev)  # does not fit: no CUDA touched
+    assert all(not r.resident and r.X.device.type == "cpu" and r.device == cuda_dev for r in placed.values())
+    assert all(placement.fits_on_device(10**15, torch.device(d)) for d in ("cpu", "meta"))
 
 
 def dufm_cfg(steps: int, device: str, **kw) -> DUFMConfig:
@@ -208,8 +223,8 @@ def test_cuda_training_steps_never_synchronise(optimizer, resident):
         with sync_debug("warn"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train_epoch(net, opt, sched, c, rows, 2)
-        counts[batches] = len(caught)
-    assert counts[2] == counts[8]
+        counts[batches] = sum("synchronizing" in str(w.message) for w in caught)
+    assert counts[2] == counts[8] >= 1  # the epoch's check is one
 
 
 @cuda

@@ -4,6 +4,9 @@ The objective and its gradient live in dnc.dufm.model; this module owns the run'
 seeded initialisation and the loop (history rows, early stop on the gradient norm). train_dufm
 trains one run; train_dufm_batch trains many runs of one shape together in one process with
 batched matrix products over a leading run axis, each run equal to its train_dufm result.
+
+Host reads: only at logged steps (every log_every steps, the first and the last); the steps between
+them read nothing back from the device (tests/test_sync.py counts them).
 """
 
 from __future__ import annotations
