@@ -3,6 +3,7 @@
     from dnc.rfm import kernel_agop, deep_rfm
     G = kernel_agop(X, Y)                     # (d, d) float64 AGOP of a Laplace kernel machine
     layers = deep_rfm(X, y, depth=12)         # per layer: .train["input" | "projected" | "mapped"]
+    deep_rfm(X, y, depth=12, record=(), on_layer=f)   # f(layer) sees each layer on the device; nothing kept
 """
 
 from dnc.linalg import psd_sqrt
@@ -21,9 +22,11 @@ from dnc.rfm.memory import (
     available_bytes,
     check_memory,
     estimate_peak_bytes,
+    format_bytes,
     max_samples,
     row_block,
 )
+from dnc.rfm.plan import RFMMemoryPlan, check_plan, plan_deep_rfm
 
 __all__ = [
     "FEATURE_MAPS",
@@ -31,18 +34,22 @@ __all__ = [
     "Kernel",
     "RFMLayer",
     "RFMMemoryError",
+    "RFMMemoryPlan",
     "agop_from_alpha",
     "as_tensor",
     "available_bytes",
     "check_memory",
+    "check_plan",
     "deep_rfm",
     "estimate_peak_bytes",
     "fit_kernel_machine",
+    "format_bytes",
     "kernel_agop",
     "kernel_matrix",
     "kernel_predict",
     "max_samples",
     "normalize_rows",
+    "plan_deep_rfm",
     "pm_one_hot",
     "psd_sqrt",
     "row_block",

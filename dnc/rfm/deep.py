@@ -138,6 +138,7 @@ def deep_rfm(
     on_layer: Callable[[RFMLayer], None] | None = None,
     callback_bytes: Callable[[int, int], int] | None = None,
     host_limit: int | None = None,
+    host_after_bytes: int = 0,
 ) -> list[RFMLayer]:
     """Run Deep RFM layer by layer, handing each layer to ``on_layer`` and keeping what ``record`` asks.
 
@@ -172,6 +173,8 @@ def deep_rfm(
             (rows, dim) representation, counted by the memory check.
         host_limit: bytes this process may hold in all (the job's mem_mb); None: no limit but the
             host RAM available.
+        host_after_bytes: host bytes the caller adds after the run next to the kept
+            representations (e.g. writing them), counted by the memory check.
 
     Returns:
         List of ``depth`` RFMLayer records holding the ``record`` representations on store_device
@@ -184,7 +187,7 @@ def deep_rfm(
     if check_memory:
         plan = plan_deep_rfm(len(X), 0 if X_test is None else len(X_test), math.prod(X.shape[1:]), K,
                              depth, width, feature_map, agop, dtype, dev, record, store_device,
-                             keep_maps, callback_bytes)
+                             keep_maps, callback_bytes, host_after_bytes)
         check_plan(plan, f"Deep RFM ({depth} layers, {feature_map}, agop={agop})", len(X), host_limit)
     recipe = _Recipe(feature_map, width, gamma, kernel, bandwidth, ridge, agop, dtype, dev, check_memory)
     Xl, y, Tl = _inputs(X, labels, X_test, dtype, dev)
@@ -228,9 +231,16 @@ def _layer(layer: int, X: torch.Tensor, T: torch.Tensor | None, Y: torch.Tensor 
 
 def _stored(rec: RFMLayer, record: Sequence[str], store_device: torch.device | str | None,
             keep_maps: bool) -> RFMLayer:
-    """The record as returned: the ``record`` representations (and maps) on store_device."""
+    """The record as returned: the ``record`` representations (and maps) on store_device; a
+    tensor that two names share (projected is input with M = I) is copied once."""
+    copies: dict[int, torch.Tensor] = {}
+
     def keep(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t if t is None or store_device is None else t.to(store_device)
+        if t is None or store_device is None:
+            return t
+        if id(t) not in copies:
+            copies[id(t)] = t.to(store_device)
+        return copies[id(t)]
 
     return RFMLayer(
         layer=rec.layer, dim=rec.dim, width=rec.width, seconds=rec.seconds, agop_max=rec.agop_max,

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "RFMMemoryError",
+    "format_bytes",
     "row_block",
     "estimate_peak_bytes",
     "available_bytes",
@@ -25,6 +26,11 @@ __all__ = [
 
 # Relative slack for allocator fragmentation, LAPACK/cuSOLVER workspaces and small tensors.
 _SLACK = 1.05
+
+
+def format_bytes(n: int) -> str:
+    """'512.0 MiB' below 1 GiB, else '3.25 GiB'."""
+    return f"{n / 2**20:.1f} MiB" if abs(n) < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 class RFMMemoryError(MemoryError):
@@ -39,9 +45,9 @@ class RFMMemoryError(MemoryError):
                  limit: str | None = None):
         self.n, self.required, self.available, self.device = n, required, available, device
         at = "" if layer is None else f" at layer {layer}"
-        have = f"{available / 2**30:.2f} GiB is available" + ("" if limit is None else f" ({limit})")
+        have = f"{format_bytes(available)} is available" + ("" if limit is None else f" ({limit})")
         super().__init__(
-            f"{what} with n = {n} samples needs about {required / 2**30:.2f} GiB on {device}{at} "
+            f"{what} with n = {n} samples needs about {format_bytes(required)} on {device}{at} "
             f"(estimate, {dominant}) but only {have}; "
             f"use fewer samples, float32, or a device with more memory (see docs/rfm.md, 'Memory')")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dnc.layout import RFM_REPRESENTATIONS
-from dnc.rfm.memory import RFMMemoryError, available_bytes, estimate_peak_bytes
+from dnc.rfm.memory import RFMMemoryError, available_bytes, estimate_peak_bytes, format_bytes
 
 __all__ = ["RFMMemoryPlan", "plan_deep_rfm", "check_plan", "process_rss", "layer_dims",
            "CUDA_HOST_BYTES"]
@@ -29,6 +29,10 @@ __all__ = ["RFMMemoryPlan", "plan_deep_rfm", "check_plan", "process_rss", "layer
 # (not measured yet on a GPU of this project; docs/rfm.md), counted in the host part of CUDA runs.
 CUDA_HOST_BYTES = 2 * 2**30
 _F64 = 8  # float64 bytes: the square root and the metrics accumulate in float64
+# glibc serves blocks under its dynamic mmap threshold (at most 32 MiB) from the heap, where freed
+# blocks stay resident: measured 63 MB above the live tensors at n = 4000 (16 MB blocks). CPU runs
+# count HEAP_BLOCKS of their largest representation block under that size.
+HEAP_THRESHOLD, HEAP_BLOCKS = 32 * 2**20, 4
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,13 @@ def _distinct(rows: int, d: int, w: int, agop: bool, feature_map: str, s: int) -
     return rows * s * (d + d * agop + w * (feature_map != "identity"))
 
 
-def _kept(rows: int, d: int, w: int, record: Sequence[str], s: int) -> int:
-    return rows * s * sum(w if name == "mapped" else d for name in record)
+def _kept(rows: int, d: int, w: int, record: Sequence[str], agop: bool, feature_map: str, s: int) -> int:
+    """Bytes of the distinct tensors among the recorded names (deep_rfm keeps an alias once: with
+    M = I projected is the input, with the identity map mapped is the projected)."""
+    key = {"input": "X", "projected": "P" if agop else "X"}
+    key["mapped"] = "M" if feature_map != "identity" else key["projected"]
+    dims = {"X": d, "P": d, "M": w}
+    return rows * s * sum(dims[k] for k in {key[name] for name in record})
 
 
 def _layer_phases(n: int, m: int, d: int, w: int, K: int, agop: bool, feature_map: str, dtype: torch.dtype,
@@ -99,12 +108,14 @@ def plan_deep_rfm(n: int, m: int, d: int, K: int, depth: int, width: int = 512, 
                   agop: bool = True, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
                   record: Sequence[str] = RFM_REPRESENTATIONS,
                   store_device: str | torch.device | None = "cpu", keep_maps: bool = False,
-                  callback_bytes: Callable[[int, int], int] | None = None) -> RFMMemoryPlan:
+                  callback_bytes: Callable[[int, int], int] | None = None,
+                  host_after_bytes: int = 0) -> RFMMemoryPlan:
     """Peak memory of ``deep_rfm`` on n training rows and m test rows of d features, K classes.
 
     The arguments are deep_rfm's; callback_bytes(rows, dim) is the scratch its on_layer callback
     allocates on the compute device for one (rows, dim) representation (e.g.
-    dnc.rfm.stage.metrics_scratch_bytes), None for no callback.
+    dnc.rfm.stage.metrics_scratch_bytes), None for no callback; host_after_bytes what the caller
+    adds on the host after the run, next to the kept representations (e.g. a feature file writer).
 
     Returns:
         An RFMMemoryPlan: on CUDA, the device peak by part (at the layer that sets it) and the host
@@ -123,16 +134,28 @@ def plan_deep_rfm(n: int, m: int, d: int, K: int, depth: int, width: int = 512, 
                 parts[f"representations kept from layers 1-{layer - 1}"] = kept_before
             if sum(parts.values()) > sum(best.values()):
                 best, best_layer = parts, layer
-        kept = _kept(n, dl, w, record, s) + _kept(m, dl, w, record, s)
-        kept += (dl * dl + w * dl + w) * s if keep_maps else 0
+        kept = _kept(n + m, dl, w, record, agop, feature_map, s)
+        if keep_maps:  # S (d_l, d_l) with the AGOP, W (w, d_l) but for identity, cosine phases (w,)
+            kept += s * (dl * dl * agop + w * dl * (feature_map != "identity")
+                         + w * (feature_map == "cosine"))
         kept_before += kept if same else 0
         kept_total += kept
+    kept_name = f"representations kept ({depth} layers)"
+    after = {**base, kept_name: kept_total, "after the run (host_after_bytes)": host_after_bytes}
     if dev.type == "cpu":
-        return RFMMemoryPlan(str(dev), best, {}, best_layer)
-    host = {"CUDA runtime and libraries (allowance)": CUDA_HOST_BYTES}
-    if not same:
-        host[f"representations kept on the host ({depth} layers)"] = kept_total
-    return RFMMemoryPlan(str(dev), host, best, best_layer)
+        if sum(after.values()) > sum(best.values()):
+            best, best_layer = after, depth
+        block = max(n, m) * max(max(dims) for dims in layer_dims(d, depth, width, feature_map)) * s
+        blocks = [b for b in (block, max(n, m) * d * s) if b < HEAP_THRESHOLD]
+        heap = {"allocator (freed heap blocks kept resident)": HEAP_BLOCKS * max(blocks, default=0)}
+        return RFMMemoryPlan(str(dev), _nonzero({**best, **heap}), {}, best_layer)
+    host = {"CUDA runtime and libraries (allowance)": CUDA_HOST_BYTES,
+            kept_name: 0 if same else kept_total, "after the run (host_after_bytes)": host_after_bytes}
+    return RFMMemoryPlan(str(dev), _nonzero(host), _nonzero(best), best_layer)
+
+
+def _nonzero(parts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in parts.items() if v}
 
 
 def process_rss() -> int:
@@ -146,7 +169,7 @@ def process_rss() -> int:
 
 def _dominant(parts: Mapping[str, int]) -> str:
     name = max(parts, key=parts.get)
-    return f"largest part: {name}, {parts[name] / 2**30:.2f} GiB"
+    return f"largest part: {name}, {format_bytes(parts[name])}"
 
 
 def check_plan(plan: RFMMemoryPlan, what: str, n: int, host_limit: int | None = None) -> None:
@@ -169,8 +192,8 @@ def check_plan(plan: RFMMemoryPlan, what: str, n: int, host_limit: int | None = 
         rss = process_rss()
         if host_limit - rss < have:
             have = max(host_limit - rss, 0)
-            note = (f"the job's limit {host_limit / 2**30:.2f} GiB (mem_mb) less the "
-                    f"{rss / 2**30:.2f} GiB this process holds")
+            note = (f"the job's limit {format_bytes(host_limit)} (mem_mb) less the "
+                    f"{format_bytes(rss)} this process holds")
     if plan.host_bytes > have:
         raise RFMMemoryError(n, plan.host_bytes, have, "host (cpu)", what, _dominant(plan.host),
                              layer=plan.peak_layer if not plan.device_parts else None, limit=note)

@@ -9,8 +9,8 @@ the tidy tables carry step 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -23,10 +23,22 @@ from dnc.metrics import Convention, layer_metrics
 from dnc.metrics.class_means import BLOCK_ELEMENTS
 from dnc.metrics.streaming import TIDY_COLUMNS
 from dnc.rfm.deep import RFMLayer, deep_rfm
+from dnc.rfm.plan import RFMMemoryPlan, plan_deep_rfm
 from dnc.settings import RFMConfig
 
 __all__ = ["RFMResult", "select_rows", "run_rfm", "rfm_metrics", "layer_table", "feature_columns",
-           "metrics_scratch_bytes"]
+           "metrics_scratch_bytes", "plan_rfm", "plan_job", "PROCESS_BYTES",
+           "WRITER_BYTES"]
+
+# Host memory dnc.io.write_features adds to the representations it writes, which it wraps
+# without a copy: Parquet encoding buffers and Arrow's pool, measured at 70-96 MB for 17-470 MB of
+# features (64 MB row groups, after a warm-up write), whatever the size.
+WRITER_BYTES = 128 * 2**20
+
+
+# Resident set of the deep_rfm script before it reads data (Python, torch, pandas, pyarrow,
+# Snakemake's script wrapper): about 0.6 GB measured on the CPU; an allowance above that.
+PROCESS_BYTES = 2**30
 
 
 def select_rows(X: np.ndarray, y: np.ndarray, n: int | None,
@@ -96,15 +108,50 @@ def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np
         if on_layer is not None:
             on_layer(rec)
 
-    layers = deep_rfm(
-        torch.as_tensor(Xtr).reshape(len(Xtr), -1), torch.as_tensor(ytr), cfg.depth, width=cfg.width,
-        feature_map=cfg.feature_map, bandwidth=cfg.bandwidth, ridge=cfg.ridge, agop=cfg.agop,
-        seed=cfg.seed, kernel=cfg.kernel, gamma=cfg.gamma, X_test=torch.as_tensor(Xte).reshape(len(Xte), -1),
-        num_classes=num_classes, dtype=TORCH_DTYPES[cfg.dtype], device=dev,
-        record=RFM_REPRESENTATIONS if cfg.write_features else (), progress=progress, on_layer=measure,
-        callback_bytes=lambda n, d: metrics_scratch_bytes(n, d, num_classes, dev, convention),
-        host_limit=host_limit)
+    layers = deep_rfm(torch.as_tensor(Xtr).reshape(len(Xtr), -1), torch.as_tensor(ytr), cfg.depth,
+                      X_test=torch.as_tensor(Xte).reshape(len(Xte), -1), seed=cfg.seed,
+                      progress=progress, on_layer=measure, host_limit=host_limit,
+                      **_settings(cfg, num_classes, dev, convention))
     return RFMResult(layers, labels, _tidy(rows, run, convention))
+
+
+def _settings(cfg: RFMConfig, num_classes: int, dev: torch.device, convention: Convention) -> dict:
+    """deep_rfm's keyword arguments for cfg, shared by run_rfm and plan_rfm."""
+    return dict(width=cfg.width, feature_map=cfg.feature_map, bandwidth=cfg.bandwidth, ridge=cfg.ridge,
+                agop=cfg.agop, kernel=cfg.kernel, gamma=cfg.gamma, num_classes=num_classes,
+                dtype=TORCH_DTYPES[cfg.dtype], device=dev,
+                record=RFM_REPRESENTATIONS if cfg.write_features else (),
+                callback_bytes=lambda n, d: metrics_scratch_bytes(n, d, num_classes, dev, convention),
+                host_after_bytes=WRITER_BYTES if cfg.write_features else 0)
+
+
+def plan_rfm(cfg: RFMConfig, n: int, m: int, d: int, num_classes: int, device: torch.device | str,
+             convention: Convention = Convention()) -> RFMMemoryPlan:
+    """The memory plan that run_rfm checks before layer 1, for n train and m test rows of d
+    features (after row selection) on ``device``."""
+    kw = _settings(cfg, num_classes, torch.device(device), convention)
+    keys = ("width", "feature_map", "agop", "dtype", "device", "record", "callback_bytes", "host_after_bytes")
+    return plan_deep_rfm(n, m, d, num_classes, cfg.depth, **{k: kw[k] for k in keys})
+
+
+def plan_job(cfg: RFMConfig, split_rows: Mapping[str, int], d: int, num_classes: int,
+             device: torch.device | str, convention: Convention = Convention()) -> RFMMemoryPlan:
+    """The whole deep_rfm job's memory, before it starts: run_rfm's plan, with the process and the
+    dataset added to the host part. Reading both float32 splits (dnc.data.read_split) left the
+    resident set 2.4 times their bytes higher (the Parquet table, the rows and their copy; Arrow's
+    pool keeps its share), measured at 20,000 x 3,072; counted as three times.
+
+    split_rows: {"train": N, "test": M} rows of the prepared splits; d: features per sample.
+    """
+    n = split_rows["train"] if cfg.n is None else cfg.n
+    m = split_rows["test"] if cfg.test_n is None else cfg.test_n
+    for split, rows, total in (("train", n, split_rows["train"]), ("test", m, split_rows["test"])):
+        if rows > total:
+            raise ValueError(f"{split}: n = {rows} but the split has only {total} rows")
+    plan = plan_rfm(cfg, n, m, d, num_classes, device, convention)
+    extra = {"process (Python, torch, pandas, pyarrow)": PROCESS_BYTES,
+             "dataset (both float32 splits, as read)": 3 * sum(split_rows.values()) * (4 * d + 8)}
+    return replace(plan, host={**extra, **plan.host})
 
 
 def _representations(layers: list[RFMLayer]) -> Iterator[tuple[int, str, str, torch.Tensor]]:
