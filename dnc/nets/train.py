@@ -159,7 +159,7 @@ def train_network(
     Xtr, ytr = data["train"]
     net = build_net(cfg.arch, list(Xtr.shape[1:]), num_classes, cfg.head_width, cfg.head_layers,
                     list(cfg.mlp_widths), cfg.bias, cfg.init_gain, cfg.head_init,
-                    cfg.head_init_gain).to(dev)
+                    cfg.head_init_gain, layer_init=cfg.layer_init).to(dev)
     rows = place_splits(data, lambda y: targets_for(y, num_classes, cfg.loss), dev)
     steps_per_epoch = math.ceil(len(ytr) / cfg.batch_size)
     opt = _optimizer(net, cfg)
