@@ -77,7 +77,8 @@ def gpu_resource(section=None, device=config["device"]):
 
 def batch_rule_name(stage, batch):
     """Rule names are identifiers: dufm_<stage>_<batch or measure group id, other characters as _>."""
-    return f"dufm_{stage}_" + re.sub(r"\W", "_", batch)
+    name = re.sub(r"\W", "_", batch)
+    return f"dufm_{stage}_{name}"
 
 
 wildcard_constraints:
