@@ -29,8 +29,11 @@ __all__ = ["network_agop", "psd_sqrt", "nfa_correlation", "svd_split", "svd_shar
            "LayerSplit", "layer_split_metrics", "stack_split_metrics", "rest_of_network", "layer_agops"]
 
 ACC = torch.float64
-# The collapse metrics measured on every representation of a split, in table order.
-SPLIT_METRICS = ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth")
+# The collapse metrics measured on every representation of a split, in table order: the two NC1
+# forms, NC2 against the ETF and the orthogonal frame, and the AGOP paper's own measures (its NFA
+# figure's tr Sigma_W / tr Sigma_T and tr Sigma_B / tr Sigma_T, its NC2), docs/metrics.md.
+SPLIT_METRICS = ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth", "sigma_w_total", "sigma_b_total",
+                 "nc2_agop")
 Readout = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 

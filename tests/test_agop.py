@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from test_metrics_agop import dense
 from torch import nn
 from torch.func import jacrev, vmap
 
 from dnc.agop import (
+    SPLIT_METRICS,
     layer_agops,
     layer_split_metrics,
     network_agop,
@@ -22,6 +24,8 @@ from dnc.agop import (
 )
 from dnc.layout import ANALYSIS_REPRESENTATIONS
 from dnc.metrics import layer_metrics
+
+PAPER_MEASURES = ("sigma_w_total", "sigma_b_total", "nc2_agop")
 
 
 def small_mlp(d: int = 7, width: int = 11, K: int = 4, seed: int = 0) -> nn.Module:
@@ -107,11 +111,22 @@ def test_layer_split_metrics_row():
     W = torch.randn(8, 6, dtype=torch.float64)
     split = layer_split_metrics(Phi, W, y, agop=W.T @ W)
     row = split.row()
+    reps = svd_split(W, Phi, W.T @ W)
     for rep in ANALYSIS_REPRESENTATIONS:
-        assert split.metrics[rep] == {k: layer_metrics(svd_split(W, Phi, W.T @ W)[rep], y)[k]
-                                      for k in ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth")}
+        assert list(split.metrics[rep]) == list(SPLIT_METRICS)
+        assert split.metrics[rep] == {k: layer_metrics(reps[rep], y)[k] for k in SPLIT_METRICS}
+        # The AGOP paper's measures against their definitions, written out densely (Sigma_T from the
+        # rows, the K x K Gram of the normalised centred means).
+        ref = dense(reps[rep].numpy(), y.numpy())
+        for key in PAPER_MEASURES:
+            assert row[f"{key}_{rep}"] == pytest.approx(ref[key], rel=1e-10, abs=1e-15), (rep, key)
         for key in ("nc1_pinv", "nc1_trace", "nc2_etf", "nc2_orth"):
             assert f"{key}_{rep}" in row
+    # The total scatter splits into within and between (balanced classes), and their ratio is NC1.
+    for rep in ANALYSIS_REPRESENTATIONS:
+        m = split.metrics[rep]
+        assert m["sigma_w_total"] + m["sigma_b_total"] == pytest.approx(1.0, rel=1e-12)
+        assert m["sigma_w_total"] / m["sigma_b_total"] == pytest.approx(m["nc1_trace"], rel=1e-10)
     assert row["nfa_plain"] == pytest.approx(1.0) and row["share_nc1"] == 1.0
     a, p, l = (row[f"nc1_trace_{r}"] for r in ("input", "svd", "layer"))
     assert row["svd_share"] == pytest.approx(svd_share(a, p, l), nan_ok=True)
@@ -191,3 +206,38 @@ def test_cuda_matches_cpu():
     G_gpu = network_agop(net.cuda(), X.cuda(), batch_size=16)
     assert G_gpu.device.type == "cuda" and G_gpu.dtype == torch.float64
     assert rel_err(G_gpu.cpu(), G_cpu) < 1e-5
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of the entries of two matrices, written out (not nfa_correlation)."""
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("d_in, d_out", [(64, 128), (128, 128), (512, 512), (512, 128), (128, 512)])
+def test_random_gram_correlates_with_the_identity_as_derived(d_in, d_out):
+    # docs/agop.md "The NFA at initialisation": for W with i.i.d. entries,
+    # corr(vec W^T W, vec I) -> (1 + d_in / d_out)^(-1/2); the scale of W does not matter.
+    g = torch.Generator().manual_seed(d_in + d_out)
+    eye = torch.eye(d_in, dtype=torch.float64)
+    got = [_corr(W.T @ W, eye) for W in (s * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+                                         for s in (1.0, 0.1, 3.0))]
+    assert sum(got) / len(got) == pytest.approx((1 + d_in / d_out) ** -0.5, abs=0.015)
+
+
+def test_nfa_of_a_random_relu_net_between_the_identity_and_the_gram_root():
+    # The digits network's shape (64 -> 5 x 128 -> 10) with Gaussian weights: AGOP_l = W_l^T B_l W_l,
+    # so the NFA lies between corr(W^T W, I) (B_l far from a multiple of I) and
+    # corr(W^T W, (W^T W)^{1/2}) (B_l = c I), and well above the former away from the readout.
+    g = torch.Generator().manual_seed(0)
+    widths, K = [64, 128, 128, 128, 128, 128], 10
+    weights = [torch.randn(o, i, generator=g, dtype=torch.float64) for i, o in zip(widths, widths[1:])]
+    readout = torch.randn(K, widths[-1], generator=g, dtype=torch.float64)
+    _, agops = layer_agops(weights, readout, torch.randn(500, widths[0], generator=g, dtype=torch.float64))
+    nfa = [nfa_correlation(W, A) for W, A in zip(weights, agops)]
+    floor = [(1 + W.shape[1] / W.shape[0]) ** -0.5 for W in weights]
+    roots = [_corr(W.T @ W, psd_sqrt(W.T @ W)) for W in weights]
+    for l, (n, lo, hi) in enumerate(zip(nfa, floor, roots), start=1):
+        assert lo - 0.03 < n < hi, (l, n, lo, hi)
+    assert nfa[0] > floor[0] + 0.05 and nfa[1] > floor[1] + 0.05
+    assert nfa == sorted(nfa, reverse=True)  # closer to the identity's floor near the readout

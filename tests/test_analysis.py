@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_metrics_agop import dense
 from torch import nn
 from torch.func import jacrev, vmap
 
@@ -73,13 +74,17 @@ def test_representations_equal_metrics_of_the_layer_written_out():
     weights = [w.detach().double() for w in net.head.weights]
     phi = X.flatten(1).double()
     for layer, W in enumerate(weights[:-1], start=1):
-        expected = {"input": layer_metrics(phi, y), "svd": layer_metrics(phi @ W.T, y),  # U is an isometry
-                    "layer": layer_metrics(torch.relu(phi @ W.T), y)}
+        H = {"input": phi, "svd": phi @ W.T, "layer": torch.relu(phi @ W.T)}  # U is an isometry
+        expected = {rep: layer_metrics(h, y) for rep, h in H.items()}
         for rep, m in expected.items():
             at = table[(table["layer"] == layer) & (table["representation"] == rep)]
             got = at.set_index("metric")["value"]
             for key in ("nc1_trace", "nc1_pinv", "nc2_etf", "nc2_orth"):
                 assert got[key] == pytest.approx(m[key], rel=1e-8, abs=1e-12), (layer, rep, key)
+            # The AGOP paper's measures from their definitions (dense Sigma_T and K x K Gram).
+            ref = dense(H[rep].numpy(), y.numpy())
+            for key in ("sigma_w_total", "sigma_b_total", "nc2_agop"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-8, abs=1e-14), (layer, rep, key)
         phi = torch.relu(phi @ W.T)
     reps = table.groupby("layer")["representation"].apply(set)
     assert list(reps.index) == [1, 2, 3]
