@@ -8,7 +8,7 @@ epoch; the logic is dnc.nets.analysis.analyze_epochs.
 import torch
 
 from dnc.data import read_split
-from dnc.device import resolve_device
+from dnc.device import configure_determinism, resolve_device
 from dnc.io import write_parquet
 from dnc.logs import configure_logging
 from dnc.metrics import Convention
@@ -17,6 +17,7 @@ from dnc.nets.train import reached_epochs, read_history
 from dnc.settings import NetConfig
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 run_id, p, inp = snakemake.wildcards.run, snakemake.params, snakemake.input
 torch.set_num_threads(snakemake.threads)
 convention = Convention(**p.convention)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dnc.data import read_split
+from dnc.device import configure_determinism
 from dnc.io import write_features, write_parquet
 from dnc.layout import rfm_feature_file
 from dnc.logs import configure_logging
@@ -19,6 +20,7 @@ from dnc.rfm.stage import feature_columns, layer_table, run_rfm
 from dnc.settings import RFMConfig
 
 log = configure_logging(snakemake.log[0])
+configure_determinism()  # before anything starts CUDA
 run_id, p, out, inp = snakemake.wildcards.run, snakemake.params, snakemake.output, snakemake.input
 torch.set_num_threads(snakemake.threads)
 
