@@ -16,7 +16,7 @@ from dnc.metrics import layer_metrics
 from dnc.nets.analysis import COLUMNS, agop_rows, analyze_network, analyze_splits, network_agops
 from dnc.nets.models import build_net
 from dnc.nets.train import restore_net, train_network
-from dnc.report.analysis import analysis_claims, last_epoch_table, render_analysis_section
+from dnc.report.analysis import analysis_claims, last_epoch_table, matched_table, render_analysis_section
 from dnc.settings import NetConfig
 
 K, D = 3, 6
@@ -144,9 +144,9 @@ def test_both_splits_share_the_train_agop_and_nan_only_where_documented():
     pd.testing.assert_frame_equal(direct, test_only.reset_index(drop=True))
 
 
-def _fake_analysis(run, nfa_first, nfa_last, shares):
+def _fake_analysis(run, nfa_first, nfa_last, shares, steps=(0, 10)):
     rows = []
-    for step, nfa in ((0, nfa_first), (10, nfa_last)):
+    for step, nfa in zip(steps, (nfa_first, nfa_last)):
         for layer, share in enumerate(shares, start=1):
             nc1 = {"input": 1.0, "svd": 0.5, "layer": 0.4 if share == share else 2.0, "agop": 0.3}
             rows += [(run, layer, rep, "train", step, "nc1_trace", v) for rep, v in nc1.items()]
@@ -160,7 +160,11 @@ def test_claims_and_section_report_what_was_measured():
     weak = _fake_analysis("b", 0.6, 0.3, [0.2, 0.9, 0.1])
     svd, nfa = analysis_claims(ok)
     assert svd["code"] == "holds" and nfa["code"] == "holds" and svd["runs"] == ["a"]
-    assert "2 of the 2 layers (of 3) that reduce NC1" in svd["evidence"] and "0.900" in nfa["evidence"]
+    assert "2 of the 2 layers (of 3) that reduce NC1" in svd["evidence"]
+    assert "is high (≥ 0.5) in every layer" in nfa["claim"] and "strengthens" not in nfa["claim"]
+    assert ("a: mean sqrt-NFA over layers 0.900 at epoch 10, per layer 0.90, 0.90, 0.90 (min 0.90); 0.200 "
+            "at epoch 0 (initialisation), per layer 0.20, 0.20, 0.20 (measured change of the mean +0.700)"
+            ) == nfa["evidence"]
     svd, nfa = analysis_claims(pd.concat([ok, weak]))
     assert svd["code"] == "partly" and nfa["code"] == "partly" and nfa["runs"] == ["a", "b"]
     assert [c["code"] for c in analysis_claims(weak.assign(value=weak["value"].where(
@@ -168,9 +172,74 @@ def test_claims_and_section_report_what_was_measured():
     assert {c["code"] for c in analysis_claims(ok.iloc[:0])} == {"not_tested"}
     t = last_epoch_table(ok, "a")
     assert list(t.columns) == ["layer", "nc1_input", "nc1_svd", "nc1_layer", "nc1_agop", "svd_share",
-                               "nfa_sqrt"]
+                               "nfa_sqrt", "sigma_w_total_input", "sigma_b_total_input", "nc2_etf_input",
+                               "nc2_agop_input"]
+    assert t["sigma_w_total_input"].isna().all()  # tables written before these measures existed
     html = render_analysis_section(pd.concat([ok, weak]))
     assert html.count("<img") == 1 and "<table>" in html and render_analysis_section(ok.iloc[:0]) == ""
+
+
+def test_nfa_claim_falls_rather_than_rises_and_needs_every_layer_high():
+    # The NFA claim is "high in every layer": a fall from initialisation is reported, not judged.
+    falling = _fake_analysis("f", 0.95, 0.7, [0.8, 0.7, 0.6])
+    assert analysis_claims(falling)[1]["code"] == "holds"
+    assert "measured change of the mean -0.250" in analysis_claims(falling)[1]["evidence"]
+    one_low = falling.copy()
+    one_low.loc[(one_low["metric"] == "nfa_sqrt") & (one_low["layer"] == 2), "value"] = 0.3
+    code, evidence = (analysis_claims(one_low)[1][k] for k in ("code", "evidence"))
+    assert code == "partly" and "at epoch 10, per layer 0.70, 0.30, 0.70 (min 0.30)" in evidence  # 2 of 3
+    one_low.loc[(one_low["metric"] == "nfa_sqrt") & (one_low["layer"] == 3), "value"] = 0.2
+    assert analysis_claims(one_low)[1]["code"] == "does_not_hold"  # 1 of 3: not a majority
+    late = _fake_analysis("g", 0.9, 0.8, [0.8, 0.7], steps=(1, 11))
+    assert "initialisation not measured (epoch 0 not analysed; first epoch 1: mean 0.900)" in \
+        analysis_claims(late)[1]["evidence"]
+
+
+def _with_paper_measures(table):
+    """The fake table plus sigma_w_total, sigma_b_total, nc2_etf, nc2_agop of each input, per step."""
+    base = table[(table["metric"] == "nc1_trace") & (table["representation"] == "input")]
+    values = (("sigma_w_total", 0.3), ("sigma_b_total", 0.6), ("nc2_etf", 0.5), ("nc2_agop", 0.1))
+    extra = [base.assign(metric=m, value=v * (1 + base["layer"]) / (1 + base["step"])) for m, v in values]
+    return pd.concat([table, *extra], ignore_index=True)
+
+
+def test_matched_table_picks_the_first_analysed_epoch_below_each_threshold():
+    steps = (0, 10, 20, 30)
+    a = pd.concat([_fake_analysis("a", 0.5, 0.8, [0.8, 0.7], steps=steps[:2]),
+                   _fake_analysis("a", 0.85, 0.9, [0.6, 0.4], steps=steps[2:])], ignore_index=True)
+    a = _with_paper_measures(a)
+    ce = a.assign(run="c")
+    model = a.assign(run="m", node="fc")
+    # run a: mse_pm1, half_sum, K = 10, so the relative train error is 2 * train_loss / 10.
+    loss = {e: 0.9 * 10 / 2 * 10.0 ** (-e / 10) for e in range(1, 31)}  # relative error 0.9 * 10^(-e/10)
+    histories = pd.DataFrame([{"run": r, "epoch": e, "train_loss": v}
+                              for r in ("a", "c") for e, v in loss.items()])
+    config = pd.DataFrame({"run": ["a", "c"], "loss": ["mse_pm1", "ce"], "loss_reduction": ["half_sum"] * 2})
+    metrics = pd.DataFrame({"run": ["a", "c"], "metric": "num_classes", "value": 10.0})
+    thresholds = (0.5, 0.05, 1e-3, 1e-4)
+    matched, notes = matched_table(pd.concat([a, ce, model]), histories, config, metrics, thresholds)
+    # 0.9 * 10^(-e/10) < t first at e > 10 log10(0.9 / t); only epochs 10, 20, 30 are analysed
+    # (0 has no loss): 0.5 -> 10 (0.09), 0.05 -> 20 (0.009), 1e-3 -> 30 (9e-4), 1e-4 -> none.
+    want = {t: next((e for e in steps[1:] if 0.9 * 10.0 ** (-e / 10) < t), None) for t in thresholds}
+    assert want == {0.5: 10, 0.05: 20, 1e-3: 30, 1e-4: None}
+    got = matched.groupby("threshold")["epoch"].first().to_dict()
+    assert got == {t: e for t, e in want.items() if e is not None} and set(matched["run"]) == {"a"}
+    for t, e in got.items():
+        at = matched[matched["threshold"] == t].drop(columns=["threshold", "run", "epoch", "rel_train_error"])
+        expected = last_epoch_table(a[a["step"] <= e], "a")  # the per-layer rows of that epoch
+        pd.testing.assert_frame_equal(at.reset_index(drop=True), expected)
+        for key, v in (("sigma_w_total_input", 0.3), ("nc2_agop_input", 0.1)):  # as _with_paper_measures
+            assert list(at[key]) == pytest.approx([v * (1 + layer) / (1 + e) for layer in at["layer"]])
+        assert list(at["svd_share"]) == ([0.8, 0.7] if e <= 10 else [0.6, 0.4])
+        assert matched.loc[matched["threshold"] == t, "rel_train_error"].iloc[0] == pytest.approx(
+            0.9 * 10.0 ** (-e / 10), rel=1e-12)
+    assert any("c: not applicable (cross-entropy" in n for n in notes)
+    assert any(n.startswith("m: no training history") for n in notes)
+    never, notes = matched_table(a, histories, config, metrics, (1e-5,))
+    assert never.empty and notes == ["a: no analysed epoch below 1e-05 (lowest 0.0009, at epoch 30)"]
+    html = render_analysis_section(a, histories, config, metrics)
+    assert html.count("<img") == 3 and "relative train error &lt; 0.1" in html and "At matched" in html
+    assert render_analysis_section(a).count("<img") == 2  # no histories: no matched part
 
 
 def test_plain_net_trains_without_decay_and_is_analysed(tmp_path):
