@@ -249,6 +249,8 @@ class RFMConfig:
     cosine (sqrt(2/D) cos(W x + b), W ~ Cauchy(0, gamma), D = d). kernel, bandwidth, ridge: the
     kernel ridge machine. agop: False is the M = I ablation. dtype: of the kernel computations.
     write_features: also write every representation of every layer as feature files.
+    gram_layers: layers whose Gram matrices are written (each clipped to depth; the AGOP paper's
+    Figure 1 shows 1, 3, 7, 13, 19; empty: none), docs/rfm.md "Gram matrices".
     """
 
     dataset: str
@@ -265,11 +267,14 @@ class RFMConfig:
     agop: bool = True
     dtype: str = "float64"
     write_features: bool = False
+    gram_layers: tuple[int, ...] = (1, 3, 7, 13, 19)
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice(self, "feature_map", ("relu", "cosine"))
+        if any(int(layer) < 1 for layer in self.gram_layers):
+            raise ValueError(f"gram_layers must be layers >= 1, got {list(self.gram_layers)}")
         _check_choice(self, "kernel", ("laplace", "gaussian"))
         _check_choice(self, "dtype", DTYPES)
         if self.feature_map == "cosine" and not self.gamma:

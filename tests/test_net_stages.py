@@ -1,5 +1,5 @@
 """The network stages as library calls, without Snakemake: extract_epochs, folder_metrics,
-compare_network_stage and analyze_epochs on a small trained run, and a diverged one."""
+compare_network_stage, analyze_epochs and network_grams on a small trained run, and a diverged one."""
 
 import math
 
@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
+from dnc.grams import GRAM_COLUMNS
 from dnc.io import BadInputError, read_weights, write_parquet
 from dnc.layout import OOD_SPLIT, feature_file, folder_files, weights_file
 from dnc.metrics import Convention
 from dnc.metrics.streaming import TIDY_COLUMNS, folder_metrics
-from dnc.nets.analysis import COLUMNS, analyze_epochs, analyze_splits
+from dnc.nets.analysis import COLUMNS, analyze_epochs, analyze_splits, network_grams
 from dnc.nets.extract import check_ood_shape, extract_epochs, head_objective, network_features
 from dnc.nets.stage import compare_network_stage
 from dnc.nets.train import export_snapshots, reached_epochs, read_history, restore_net, train_network
@@ -97,6 +98,31 @@ def test_analyze_epochs_is_analyze_splits_per_epoch_with_run_and_convention(run)
     assert empty.empty and list(empty.columns) == list(table.columns)
     assert [str(empty[c].dtype) for c in ("layer", "step", "value")] == ["int64", "int64", "float64"]
     assert list(empty.columns) == TIDY_COLUMNS
+
+
+def test_network_grams_are_the_centred_cosines_of_the_nets_own_representations(run):
+    """The Grams at an epoch: H_1 and every head layer's ReLU output of the restored net
+    (net.representations), rows centred by the mean of every training row and normalised."""
+    root, data = run
+    X, y = data["train"]
+    table = network_grams("r", root / "snapshots", 2, data["train"], seed=5).to_pandas()
+    assert list(table.columns) == GRAM_COLUMNS
+    assert set(table["step"]) == {2} and set(table["split"]) == {"train"}
+    net, _ = restore_net(root / "snapshots" / "epoch2.pt")
+    with torch.no_grad():
+        reps = {k: v.double().numpy() for k, v in net.eval().representations(X).items()}
+    # layer 1's input is H_1; layer l's output is the post-activation of head layer l + 1
+    expected = {(1, "input"): reps["l1_input"], (1, "layer"): reps["l2_post"], (2, "layer"): reps["l3_post"]}
+    assert sorted(table.groupby(["layer", "representation"]).groups) == sorted(expected)
+    for (layer, rep), g in table.groupby(["layer", "representation"]):
+        rows = g["row"].to_numpy()
+        assert sorted(rows.tolist()) == list(range(len(y)))  # 36 rows: all of them, sorted by class
+        assert (np.diff(y.numpy()[rows]) >= 0).all() and np.array_equal(g["label"], y.numpy()[rows])
+        U = expected[layer, rep][rows] - expected[layer, rep].mean(axis=0)
+        U /= np.linalg.norm(U, axis=1, keepdims=True)
+        np.testing.assert_allclose(np.stack(g["gram"].to_numpy()), U @ U.T, atol=1e-5)
+    none = network_grams("r", root / "snapshots", None, data["train"])
+    assert none.num_rows == 0 and none.column_names == GRAM_COLUMNS
 
 
 def test_ood_samples_must_have_the_training_shape_and_history_its_columns(tmp_path):

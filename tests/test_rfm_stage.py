@@ -49,6 +49,18 @@ def test_metrics_are_the_shared_engine_on_each_representation(rng, write_feature
         assert got == pytest.approx(expected, rel=1e-12)
     info = layer_table(res.layers, "r")
     assert list(info["layer"]) == [1, 2] and (info["seconds"] >= 0).all()
+    # The Grams (gram_layers 1, 3, ... clipped to depth 2: layers 1 and 2) are the centred cosines
+    # of the train rows the hook saw, all 30 of them here, sorted by class.
+    grams = res.grams.to_pandas()
+    assert sorted(grams.groupby(["layer", "representation"]).groups) == [
+        (layer, rep) for layer in (1, 2) for rep in ("input", "projected")]
+    for (layer, rep), g in grams.groupby(["layer", "representation"]):
+        rows = g["row"].to_numpy()
+        assert sorted(rows) == list(range(30)) and (np.diff(labels["train"][rows]) >= 0).all()
+        H = seen[layer, "train"][rep].numpy()
+        U = H[rows] - H.mean(axis=0)
+        U /= np.linalg.norm(U, axis=1, keepdims=True)
+        np.testing.assert_allclose(np.stack(g["gram"].to_numpy()), U @ U.T, atol=1e-6)
     if not write_features:  # nothing kept once measured
         assert all(rec.train == {} and rec.test == {} for rec in res.layers)
         return

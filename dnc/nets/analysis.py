@@ -16,6 +16,9 @@ split_input "pre" gives the split of layer l >= 2 layer l-1's pre-activation as 
 paper's code, docs/agop.md "Split input"); the AGOP and the NFA stay those of the layer's input.
 The AGOP is always taken over training rows (all, or agop_samples of them balanced over classes:
 agop_rows). Everything after the network's H_1 is computed in float64 on the network's device.
+
+network_grams: the Gram matrices (dnc.grams) of the head input H_1 and of every layer's output
+ReLU(Phi W^T) at one epoch (the stage: the last analysed one), on at most 1,000 training rows.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from dnc.agop import SPLIT_METRICS, layer_agops, stack_split_metrics
+from dnc.grams import cosine_gram, gram_rows, gram_table
 from dnc.layout import snapshot_file
 from dnc.metrics import Convention
 from dnc.metrics.streaming import empty_metrics
@@ -37,7 +43,8 @@ from dnc.nets.train import restore_net
 log = logging.getLogger(__name__)
 
 __all__ = ["COLUMNS", "NC_METRICS", "head_stack", "head_inputs", "agop_rows", "network_agops",
-           "analyze_network", "analyze_splits", "analyze_epochs", "empty_analysis"]
+           "analyze_network", "analyze_splits", "analyze_epochs", "empty_analysis", "layer_grams",
+           "network_grams"]
 
 COLUMNS = ["layer", "representation", "split", "step", "metric", "value"]
 NC_METRICS = SPLIT_METRICS
@@ -167,3 +174,35 @@ def analyze_epochs(run: str, snapshots: str | os.PathLike, epochs: Sequence[int]
     table.insert(0, "run", run)
     table["convention"] = f"{convention.describe()};agop_samples={agop_samples};split_input={split_input}"
     return table
+
+
+@torch.no_grad()
+def layer_grams(net: Net, X: torch.Tensor, y: torch.Tensor, step: int,
+                seed: int = 0) -> tuple[list[tuple[int, str, str, int, np.ndarray]], np.ndarray]:
+    """The Grams of one network on the training split: (grams, rows).
+
+    grams: (layer, representation, "train", step, (m, m) Gram) for the head input H_1 (layer 1,
+    "input") and every head ReLU layer's output (layer l, "layer": ReLU(Phi W_l^T), the network's
+    own post-activation whatever the analysis' split_input), dnc.grams.cosine_gram of the rows
+    gram_rows(y, seed=seed), centred by the mean of all N rows; rows: their (m,) indices in X.
+    """
+    rows = gram_rows(torch.as_tensor(y).cpu().numpy(), seed=seed)
+    weights, _ = head_stack(net)
+    h = head_inputs(net, X)
+    grams = [(1, "input", "train", step, cosine_gram(h, rows))]
+    for layer, W in enumerate(weights, start=1):
+        h = torch.relu(h @ W.to(h.device).T)
+        grams.append((layer, "layer", "train", step, cosine_gram(h, rows)))
+    return grams, rows
+
+
+def network_grams(run: str, snapshots: str | os.PathLike, epoch: int | None,
+                  train: tuple[torch.Tensor, torch.Tensor], device: str = "cpu", seed: int = 0) -> pa.Table:
+    """The analyze_network stage's Gram table (dnc.grams.gram_table, docs/schemas.md): layer_grams
+    of the snapshot of ``epoch`` (the last analysed one) on the train split (X, y). epoch None (no
+    feature epoch reached): a table with no rows."""
+    if epoch is None:
+        return gram_table(run, [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    net, _ = restore_net(snapshot_file(snapshots, epoch), device)
+    grams, rows = layer_grams(net, *train, epoch, seed)
+    return gram_table(run, grams, rows, torch.as_tensor(train[1]).cpu().numpy()[rows])

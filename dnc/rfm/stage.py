@@ -4,7 +4,8 @@ engine, as tidy tables (docs/rfm.md, docs/schemas.md).
 Every layer l has three representations, measured on the train and test splits: ``input`` (X_l
 after row normalisation), ``projected`` (X_l S_l, the AGOP projection) and ``mapped``
 (Phi(X_l S_l), the next layer's input before its normalisation). Deep RFM has no training steps:
-the tidy tables carry step 0.
+the tidy tables carry step 0. At the chosen layers (cfg.gram_layers) the Gram matrices of input
+and projected on at most 1,000 train rows are taken on the device as well (dnc.grams).
 """
 
 from __future__ import annotations
@@ -14,21 +15,31 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from dnc.data import subset
 from dnc.device import TORCH_DTYPES, resolve_device
+from dnc.grams import (
+    GRAM_ROWS,
+    clip_layers,
+    cosine_gram,
+    gram_bytes,
+    gram_rows,
+    gram_scratch_bytes,
+    gram_table,
+)
 from dnc.layout import RFM_REPRESENTATIONS, FeatureColumn, column_name, rfm_column
 from dnc.metrics import Convention, layer_metrics
 from dnc.metrics.class_means import BLOCK_ELEMENTS
 from dnc.metrics.streaming import TIDY_COLUMNS
 from dnc.rfm.deep import RFMLayer, deep_rfm
-from dnc.rfm.plan import RFMMemoryPlan, plan_deep_rfm
+from dnc.rfm.plan import RFMMemoryPlan, check_plan, plan_deep_rfm
 from dnc.settings import RFMConfig
 
 __all__ = ["RFMResult", "select_rows", "run_rfm", "rfm_metrics", "layer_table", "feature_columns",
-           "metrics_scratch_bytes", "plan_rfm", "plan_job", "PROCESS_BYTES",
-           "WRITER_BYTES"]
+           "metrics_scratch_bytes", "plan_rfm", "plan_job", "gram_representations", "PROCESS_BYTES",
+           "WRITER_BYTES", "GRAM_SPLIT", "GRAM_PART"]
 
 # Host memory dnc.io.write_features adds to the representations it writes, which it wraps
 # without a copy: Parquet encoding buffers and Arrow's pool, measured at 70-96 MB for 17-470 MB of
@@ -39,6 +50,10 @@ WRITER_BYTES = 128 * 2**20
 # Resident set of the deep_rfm script before it reads data (Python, torch, pandas, pyarrow,
 # Snakemake's script wrapper): about 0.6 GB measured on the CPU; an allowance above that.
 PROCESS_BYTES = 2**30
+
+# The Grams are of the training rows, those the kernel machine fits (the paper's Figure 1).
+GRAM_SPLIT = "train"
+GRAM_PART = "Gram matrices (kept on the host)"  # the plan's part
 
 
 def select_rows(X: np.ndarray, y: np.ndarray, n: int | None,
@@ -76,11 +91,14 @@ class RFMResult:
             three representations of both splits on the CPU, else none.
         labels: {"train": (n,), "test": (m,)} classes of the rows used.
         metrics: tidy metrics (TIDY_COLUMNS) of every layer, representation and split, step 0.
+        grams: the Gram matrices of cfg.gram_layers (dnc.grams.gram_table: GRAM_COLUMNS, split
+            train, step 0), on the train rows gram_rows(labels["train"], seed=cfg.seed).
     """
 
     layers: list[RFMLayer]
     labels: dict[str, np.ndarray]
     metrics: pd.DataFrame
+    grams: pa.Table
 
 
 def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
@@ -92,9 +110,11 @@ def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np
 
     Only what the next layer needs stays on the device; with cfg.write_features the
     representations are also kept on the CPU (counted by the memory check). Before layer 1 the
-    whole run's host and device peaks are checked (dnc.rfm.plan; host_limit: the job's memory
-    limit in bytes, Snakemake's mem_mb). on_layer, called after the measurement with the layer's
-    tensors on the device, is the hook for further per-layer work (e.g. Gram matrices).
+    whole run's host and device peaks are checked (plan_rfm, with the Gram matrices; host_limit:
+    the job's memory limit in bytes, Snakemake's mem_mb). At the layers cfg.gram_layers (clipped
+    to the depth) the Grams of input and projected are taken on the device (dnc.grams). on_layer,
+    called after the measurement and the Grams with the layer's tensors on the device, is the hook
+    for further per-layer work.
     """
     Xtr, ytr = select_rows(*train, cfg.n, cfg.balanced)
     Xte, yte = select_rows(*test, cfg.test_n, False)
@@ -102,36 +122,67 @@ def run_rfm(cfg: RFMConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np
     dev = resolve_device(cfg.device)
     rows: list[dict] = []
     on_device = {s: torch.as_tensor(y).to(dev) for s, y in labels.items()}  # once, not per tensor
+    chosen, picked = clip_layers(cfg.gram_layers, cfg.depth), gram_rows(labels["train"], seed=cfg.seed)
+    grams: list[tuple[int, str, str, int, np.ndarray]] = []
+    # deep_rfm checks its own plan again; this one adds the Grams held on the host all along.
+    plan = plan_rfm(cfg, len(ytr), len(yte), int(np.prod(np.shape(Xtr)[1:])), num_classes, dev, convention)
+    what = f"Deep RFM ({cfg.depth} layers, {cfg.feature_map}, agop={cfg.agop})"  # as deep_rfm names it
+    check_plan(plan, what, len(ytr), host_limit)
 
     def measure(rec: RFMLayer) -> None:
         rows.extend(_layer_rows(rec, on_device, run, convention))
+        if rec.layer in chosen:
+            grams.extend((rec.layer, rep, GRAM_SPLIT, 0, cosine_gram(rec.train[rep], picked))
+                         for rep in gram_representations(cfg.agop))
         if on_layer is not None:
             on_layer(rec)
 
     layers = deep_rfm(torch.as_tensor(Xtr).reshape(len(Xtr), -1), torch.as_tensor(ytr), cfg.depth,
                       X_test=torch.as_tensor(Xte).reshape(len(Xte), -1), seed=cfg.seed,
                       progress=progress, on_layer=measure, host_limit=host_limit,
-                      **_settings(cfg, num_classes, dev, convention))
-    return RFMResult(layers, labels, _tidy(rows, run, convention))
+                      **_settings(cfg, len(ytr), num_classes, dev, convention))
+    return RFMResult(layers, labels, _tidy(rows, run, convention),
+                     gram_table(run, grams, picked, labels["train"][picked]))
 
 
-def _settings(cfg: RFMConfig, num_classes: int, dev: torch.device, convention: Convention) -> dict:
-    """deep_rfm's keyword arguments for cfg, shared by run_rfm and plan_rfm."""
+def gram_representations(agop: bool) -> tuple[str, ...]:
+    """The representations whose Grams are taken: X_l and X_l S_l, the two that the authors'
+    figure code draws (Phi(X_l S_l) is the next input before its row normalisation). With M = I
+    the projection is the input itself, so the ablation has the input only."""
+    return ("input", "projected") if agop else ("input",)
+
+
+def _settings(cfg: RFMConfig, n: int, num_classes: int, dev: torch.device, convention: Convention) -> dict:
+    """deep_rfm's keyword arguments for cfg and n training rows, shared by run_rfm and plan_rfm.
+
+    The on_layer scratch is the larger of the measurement's and the Gram's (they run one after
+    the other).
+    """
+    m = min(n, GRAM_ROWS) if clip_layers(cfg.gram_layers, cfg.depth) else 0
+
+    def scratch(rows: int, d: int) -> int:
+        return max(metrics_scratch_bytes(rows, d, num_classes, dev, convention), gram_scratch_bytes(m, d))
+
     return dict(width=cfg.width, feature_map=cfg.feature_map, bandwidth=cfg.bandwidth, ridge=cfg.ridge,
                 agop=cfg.agop, kernel=cfg.kernel, gamma=cfg.gamma, num_classes=num_classes,
                 dtype=TORCH_DTYPES[cfg.dtype], device=dev,
                 record=RFM_REPRESENTATIONS if cfg.write_features else (),
-                callback_bytes=lambda n, d: metrics_scratch_bytes(n, d, num_classes, dev, convention),
+                callback_bytes=scratch,
                 host_after_bytes=WRITER_BYTES if cfg.write_features else 0)
 
 
 def plan_rfm(cfg: RFMConfig, n: int, m: int, d: int, num_classes: int, device: torch.device | str,
              convention: Convention = Convention()) -> RFMMemoryPlan:
     """The memory plan that run_rfm checks before layer 1, for n train and m test rows of d
-    features (after row selection) on ``device``."""
-    kw = _settings(cfg, num_classes, torch.device(device), convention)
+    features (after row selection) on ``device``: deep_rfm's, plus the Gram matrices on the host
+    (GRAM_PART: they are kept from their layer to the end, next to every later peak, and copied
+    once more when written)."""
+    kw = _settings(cfg, n, num_classes, torch.device(device), convention)
     keys = ("width", "feature_map", "agop", "dtype", "device", "record", "callback_bytes", "host_after_bytes")
-    return plan_deep_rfm(n, m, d, num_classes, cfg.depth, **{k: kw[k] for k in keys})
+    plan = plan_deep_rfm(n, m, d, num_classes, cfg.depth, **{k: kw[k] for k in keys})
+    count = len(clip_layers(cfg.gram_layers, cfg.depth)) * len(gram_representations(cfg.agop))
+    grams = gram_bytes(min(n, GRAM_ROWS), count)
+    return replace(plan, host={**plan.host, GRAM_PART: grams}) if grams else plan
 
 
 def plan_job(cfg: RFMConfig, split_rows: Mapping[str, int], d: int, num_classes: int,
