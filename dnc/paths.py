@@ -63,14 +63,17 @@ class NetPaths:
     comparison: str
     verdict: str
     analysis: str
+    grams: str
 
 
 def net_paths(run: str, root: str = RESULTS) -> NetPaths:
+    """grams: the analysis stage's Gram matrices at the last analysed epoch (analyze_network only;
+    a model experiment's analysis writes none)."""
     net = f"{root}/nets/{run}"
     return NetPaths(f"{net}/history.parquet", f"{net}/snapshots", f"{net}/resume", f"{net}/features",
                     f"{net}/objective.parquet", f"{root}/metrics/{run}/metrics.parquet",
                     f"{root}/theory/{run}/comparison.parquet", f"{root}/theory/{run}/verdict.parquet",
-                    f"{root}/analysis/{run}/analysis.parquet")
+                    f"{root}/analysis/{run}/analysis.parquet", f"{root}/analysis/{run}/grams.parquet")
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,12 @@ class RFMPaths:
     metrics: str
     layers: str
     features: str
+    grams: str
 
 
 def rfm_paths(run: str, root: str = RESULTS) -> RFMPaths:
     return RFMPaths(f"{root}/metrics/{run}/metrics.parquet", f"{root}/rfm/{run}/layers.parquet",
-                    f"{root}/rfm/{run}/features")
+                    f"{root}/rfm/{run}/features", f"{root}/rfm/{run}/grams.parquet")
 
 
 @dataclass(frozen=True)

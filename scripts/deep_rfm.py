@@ -1,7 +1,8 @@
 """Run Deep RFM on a prepared dataset and measure every layer with the shared metrics engine.
 
 Outputs: metrics (tidy, docs/schemas.md; step 0), layers (one row per layer: dims, seconds, AGOP
-scale) and a features folder (layer representations per split, only when write_features is set).
+scale), grams (Gram matrices of the chosen layers, at most 1,000 train rows) and a features folder
+(layer representations per split, only when write_features is set).
 Each layer is measured on the compute device as it is made; a run whose memory estimate exceeds
 the device's free memory, or host RAM within the job's mem_mb, is refused before layer 1.
 """
@@ -45,3 +46,4 @@ for split in ("train", "test") if cfg.write_features else ():
                    feature_columns(res.layers, split))
 write_parquet(table, out.metrics, {"dnc:config": p.settings, "dnc:run": run_id})
 write_parquet(layer_table(res.layers, run_id), out.layers, {"dnc:config": p.settings, "dnc:run": run_id})
+write_parquet(res.grams, out.grams, {"dnc:config": p.settings, "dnc:run": run_id})

@@ -14,6 +14,7 @@ from dnc.report.analysis import analysis_claims, render_analysis_section
 from dnc.report.claims import claim_row, claims_table
 from dnc.report.devices import read_devices, render_device_section
 from dnc.report.dufm import render_dufm_section
+from dnc.report.grams import read_grams, render_network_grams
 from dnc.report.lowrank import render_lowrank_section
 from dnc.report.models import model_claims, render_model_section
 from dnc.report.networks import nc5_claims, render_network_section
@@ -38,7 +39,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         runs, net_runs, rfm_runs: resolved DUFM, network and Deep RFM runs (dnc.config).
         tables: concatenated inputs keyed histories, metrics, comparisons, verdicts, net_histories,
             net_metrics, net_comparisons, net_verdicts, rfm_metrics, rfm_layers (empty frames where
-            a kind has no run), and model_metrics (may be absent: no model experiment).
+            a kind has no run), model_metrics (may be absent: no model experiment) and grams (the
+            Gram tables of Deep RFM runs and networks; may be absent: no Gram figure).
         configfiles: the config files of this run, named on the page.
         missing: runs that did not finish (status.missing_runs): left out, listed at the top.
         model_runs: model experiments (experiment name = run id -> settings; config `models:`).
@@ -65,6 +67,7 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
                           for c in (all_config, all_net_config))
     all_verdicts, all_net_verdicts = tables["verdicts"], tables["net_verdicts"]
     tables = {k: t[~t["run"].isin(diverged)] if "run" in t else t for k, t in tables.items()}
+    grams = tables.get("grams", pd.DataFrame(columns=["run"]))
     parts, summaries = [render_missing(missing, kinds)], []
     if not config.empty:
         summaries.append(summary_table(config, tables["metrics"], tables["verdicts"]).assign(kind="dufm"))
@@ -104,10 +107,11 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))
         parts.append(render_analysis_section(tables["analyses"]))
+        parts.append(render_network_grams(net_config, grams))
     if model_runs:
         parts.append(render_model_section(model_runs, model_metrics))
     if not rfm_config.empty:
-        parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"]))
+        parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"], grams))
     if devices is not None:
         parts.append(render_device_section(devices[~devices["run"].isin(gone)]))
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
@@ -120,8 +124,9 @@ def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict
     """Read the report's input files, build it and write summary_path and html_path atomically.
 
     Args:
-        inputs: input key (histories, metrics, ..., model_metrics; see build_report) -> per-run
-            files (model_metrics: results/metrics/<experiment>/metrics.parquet; may be absent).
+        inputs: input key (histories, metrics, ..., model_metrics, grams; see build_report) -> per-run
+            files (model_metrics: results/metrics/<experiment>/metrics.parquet; may be absent; grams:
+            of the runs drawn only, dnc.report.grams.read_grams).
         partial: build from the runs whose files all exist and list the others (after a failed
             `--keep-going` run); otherwise every file must exist.
         model_runs: model experiments (see build_report).
@@ -132,7 +137,11 @@ def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict
     missing = missing_runs(inputs) if partial else pd.DataFrame(columns=["run", "missing"])
     files = available_inputs(inputs, missing)
     tables = {key: pd.concat([read_frame(f) for f in fs], ignore_index=True) if fs else pd.DataFrame()
-              for key, fs in files.items()}
+              for key, fs in files.items() if key != "grams"}
+    if "grams" in files:  # 4 MB per Gram: only the runs drawn (one per grid point) are read
+        diverged = diverged_ids(tables.get("verdicts", pd.DataFrame())) | diverged_ids(
+            tables.get("net_verdicts", pd.DataFrame()))
+        tables["grams"] = read_grams(files["grams"], {**net_runs, **rfm_runs}, diverged)
     summary, html = build_report(runs, net_runs, rfm_runs, tables, configfiles, missing,
                                  model_runs=model_runs, devices=read_devices(files))
     write_parquet(summary, summary_path)

@@ -1,6 +1,7 @@
 """The Deep RFM part of the report: NC1 and NC2 against depth for the three representations, with
-and without the AGOP, per dataset; the per-layer factors of the AGOP step and the random map; and
-the claims of Beaglehole et al. (2024) that these runs test (docs/rfm.md)."""
+and without the AGOP, per dataset; the per-layer factors of the AGOP step and the random map; the
+Gram matrices of the chosen layers (dnc.report.grams); and the claims of Beaglehole et al. (2024)
+that these runs test (docs/rfm.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 
 from dnc.layout import RFM_REPRESENTATIONS
 from dnc.report.claims import claim_code
+from dnc.report.grams import render_rfm_grams
 from dnc.report.page import FLOOR, esc, img, plt, png, table
 
 __all__ = ["render_rfm_section", "rfm_factors", "rfm_claims"]
@@ -98,8 +100,9 @@ def rfm_claims(config: pd.DataFrame, metrics: pd.DataFrame) -> list[dict]:
     return out
 
 
-def render_rfm_section(config: pd.DataFrame, metrics: pd.DataFrame, layers: pd.DataFrame) -> str:
-    """HTML of the Deep RFM runs."""
+def render_rfm_section(config: pd.DataFrame, metrics: pd.DataFrame, layers: pd.DataFrame,
+                       grams: pd.DataFrame | None = None) -> str:
+    """HTML of the Deep RFM runs; grams: their Gram tables (None or empty: no Gram figure)."""
     factors = rfm_factors(config, metrics)
     summary = factors.groupby("run", sort=False).agg(
         dataset=("dataset", "first"), agop=("agop", "first"), layers=("layer", "max"),
@@ -124,4 +127,6 @@ def render_rfm_section(config: pd.DataFrame, metrics: pd.DataFrame, layers: pd.D
         last = test.loc[test.groupby("run")["layer"].idxmax(), ["run", "layer", "value"]]
         parts.append(f"<p class='note'>Held-out split, NC1 of the last layer's output: "
                      f"{esc(', '.join(f'{r}: {v:.3g}' for r, v in zip(last['run'], last['value'])))}</p>")
+    if grams is not None and len(grams):
+        parts.append(render_rfm_grams(config, grams))
     return "\n".join(parts)

@@ -1,5 +1,6 @@
 # Inside trained networks: per head layer, NC1/NC2 of its input, S V^T projection, ReLU output and
-# AGOP projection, the SVD share and the NFA correlation at every feature epoch (docs/agop.md).
+# AGOP projection, the SVD share and the NFA correlation at every feature epoch (docs/agop.md);
+# the Gram matrices of the head input and every layer output at the last feature epoch.
 rule analyze_network:
     wildcard_constraints:
         run=NET_RUN,
@@ -9,6 +10,7 @@ rule analyze_network:
         snapshots=NET.snapshots,
     output:
         analysis=NET.analysis,
+        grams=NET.grams,
     log:
         "logs/analyze_network/{run}.log",
     params:

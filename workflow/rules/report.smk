@@ -12,6 +12,8 @@ rule build_report:
         analyses=per_run("analysis", NET_RUNS, net_paths) + per_run("analysis", MODEL_RUNS, net_paths),
         rfm_metrics=per_run("metrics", RFM_RUNS, rfm_paths),
         rfm_layers=per_run("layers", RFM_RUNS, rfm_paths),
+        # Gram matrices: Deep RFM runs, and networks (not model experiments: analyze_model writes none)
+        grams=per_run("grams", RFM_RUNS, rfm_paths) + per_run("grams", NET_RUNS, net_paths),
         model_metrics=per_run("metrics", MODEL_RUNS, model_paths),
     output:
         summary=report(REPORT.summary, caption="../report/summary.rst", category="Report"),

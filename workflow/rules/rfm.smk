@@ -7,6 +7,7 @@ rule deep_rfm:
         metrics=RFM.metrics,
         layers=RFM.layers,
         features=directory(RFM.features),
+        grams=RFM.grams,
     log:
         "logs/deep_rfm/{run}.log",
     params:
