@@ -106,7 +106,8 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     if not net_config.empty:
         parts.append(render_network_section(net_config, tables["net_histories"], tables["net_metrics"],
                                             tables["net_comparisons"], tables["net_verdicts"]))
-        parts.append(render_analysis_section(tables["analyses"]))
+        parts.append(render_analysis_section(tables["analyses"], tables["net_histories"], net_config,
+                                             tables["net_metrics"]))
         parts.append(render_network_grams(net_config, grams))
     if model_runs:
         parts.append(render_model_section(model_runs, model_metrics))
