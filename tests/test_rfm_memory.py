@@ -128,7 +128,7 @@ def test_refused_before_layer_1_with_the_numbers(monkeypatch):
     msg = str(err.value)
     assert f"needs about {need / 2**20:.1f} MiB on host (cpu) at layer" in msg
     assert re.search(r"only 0\.0 MiB is available \(the job's limit 0\.0 MiB \(mem_mb\) less the "
-                     r"[0-9.]+ MiB this process holds\)", msg)
+                     r"[0-9.]+ (MiB|GiB) this process holds\)", msg)
     assert "largest part: " in msg
 
 

@@ -21,7 +21,7 @@ STAGES = {"histories": "dufm_train", "metrics": "dufm_measure", "comparisons": "
           "verdicts": "dufm_measure", "net_histories": "train_network", "net_metrics": "compute_metrics",
           "net_comparisons": "compare_network", "net_verdicts": "compare_network",
           "analyses": "analyze_network / analyze_model", "rfm_metrics": "deep_rfm", "rfm_layers": "deep_rfm",
-          "model_metrics": "model_metrics"}
+          "model_metrics": "model_metrics", "grams": "deep_rfm / analyze_network"}
 DEVICE_COLUMNS = ["stage", "run", "device", "name", "torch", "cuda", "deterministic", "tf32"]
 UNRECORDED = "not recorded"  # a file written before dnc:device existed
 
