@@ -1,10 +1,17 @@
-"""Shared fixtures: explicit DNC constructions built without the closed forms under test."""
+"""Shared fixtures: explicit DNC constructions built without the closed forms under test, and a
+Snakemake runner on a copy of the workflow."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from dnc.dufm.model import DUFMState, Objective, objective, targets
 from dnc.settings import DUFMConfig
@@ -103,3 +110,28 @@ def autograd_gradients(state: DUFMState, Y: torch.Tensor, lambda_H1, lambda_W) -
     loss = loss + (lambda_H1 / 2 * (params[0] ** 2).sum((-2, -1))).sum()
     loss = loss + sum((lam / 2 * (W ** 2).sum((-2, -1))).sum() for lam, W in zip(lambda_W, params[1:]))
     return torch.autograd.grad(loss, params)
+
+
+WORKFLOW_FILES = ("Snakefile", "workflow", "scripts", "config", "examples")
+
+
+def workdir_copy(tmp: Path) -> Path:
+    """A copy of the workflow (Snakefile, rules, scripts, configs, examples) in the folder tmp."""
+    root = Path(__file__).resolve().parents[1]
+    for name in WORKFLOW_FILES:
+        src = root / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
+    return tmp
+
+
+def run_snakemake(wd: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2,
+                  timeout: float = 600) -> subprocess.CompletedProcess:
+    """Snakemake in a subprocess on the workflow copy wd with config (written to
+    wd/test-config.yaml), extra command-line args, env and a timeout in seconds: the
+    CompletedProcess (robust across Snakemake 9.x, whose Python API signatures move)."""
+    (wd / "test-config.yaml").write_text(yaml.safe_dump(config))
+    # --configfile takes several values: everything else goes before it.
+    cmd = [sys.executable, "-m", "snakemake", "--directory", str(wd), "--snakefile", str(wd / "Snakefile"),
+           "--cores", str(cores), "--workflow-profile", "none", *args,
+           "--configfile", str(wd / "test-config.yaml")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,54 +1,11 @@
 """Dataset stage: offline datasets, options, and torchvision loaders on tiny files written here in
 each dataset's real on-disk format."""
 
-import pickle
-import struct
-
 import numpy as np
 import pytest
+from datasets_ondisk import tiny_cifar, tiny_mnist, tiny_svhn
 
 from dnc.data import DatasetSpec, load_splits, prepare_dataset, read_split
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    """The MNIST idx format: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def tiny_mnist(root, folder="MNIST", n=12, rng=None):
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    rng = rng or np.random.default_rng(0)
-    data = {}
-    for prefix, m in (("train", n), ("t10k", n // 2)):
-        X = rng.integers(0, 256, (m, 28, 28), dtype=np.uint8)
-        y = np.arange(m) % 10
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", X)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
-        data[prefix] = (X, y)
-    return data
-
-
-def tiny_cifar(root, hundred=False, n=6, rng=None):
-    rng = rng or np.random.default_rng(0)
-    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
-    folder.mkdir(parents=True)
-    # The real pickles come from Python 2; loaded with latin1 their keys are str.
-    key = "fine_labels" if hundred else "labels"
-    files = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    written = {}
-    for name in files:
-        X = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        y = list(rng.integers(0, 100 if hundred else 10, n))
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": X, key: y}, f, protocol=2)
-        written[name] = (X, y)
-    meta = {"fine_label_names": [f"c{i}" for i in range(100)]} if hundred else \
-        {"label_names": [f"c{i}" for i in range(10)]}
-    with open(folder / ("meta" if hundred else "batches.meta"), "wb") as f:
-        pickle.dump(meta, f)
-    return written
 
 
 @pytest.fixture
@@ -88,13 +45,7 @@ def test_cifar_pickles(tmp_path, no_md5, hundred):
 
 
 def test_svhn_mat_files(tmp_path, no_md5):
-    from scipy.io import savemat
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        X = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = np.arange(1, n + 1)[:, None] % 10 + 1  # SVHN stores digit 0 as label 10
-        savemat(tmp_path / f"{split}_32x32.mat", {"X": X, "y": y})
+    tiny_svhn(tmp_path, n_train=8, n_test=4)  # labels 1..10 cycling: SVHN stores digit 0 as 10
     splits, _ = load_splits(DatasetSpec("svhn", root=str(tmp_path)))
     X, y = splits["train"]
     assert X.shape == (8, 3, 32, 32)
@@ -157,3 +108,4 @@ def test_class_subset_metadata_and_errors(tmp_path):
         load_splits(DatasetSpec("digits", classes=[3, 12]))
     with pytest.raises(ValueError, match="gaussian: classes must name at least two distinct labels"):
         DatasetSpec("gaussian", classes=[1, 1])
+
