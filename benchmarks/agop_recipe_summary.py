@@ -4,8 +4,8 @@ Reads the two working directories of config/agop_recipe.yaml (its header: one Sn
 split_input post, then a copy rerun with split_input pre, which reruns the analysis only) and prints,
 for every dataset and both recipes:
 
-- each run's epochs, the relative train error ||Z - T||_F^2 / ||T||_F^2 it reached (dnc.nets.matched)
-  and the wall time of its jobs (from the timestamps of the job logs);
+- each run's epochs, the relative train error ||Z - T||_F^2 / ||T||_F^2 it reached (dnc.nets.matched),
+  its training curve and the wall time of its jobs (from the timestamps of the job logs);
 - at matched training loss (per run, the first analysed epoch whose relative train error is below
   each threshold reached by both recipes of the dataset; dnc.nets.matched.matched_epochs) and at
   the last epoch: per layer the NC1 (trace form, train split) of Phi -> S V^T Phi -> ReLU(W Phi),
@@ -147,6 +147,19 @@ def print_runs(runs: list[Run]) -> None:
     print()
 
 
+def print_curves(runs: list[Run]) -> None:
+    """The relative train error of every run at epochs 1, 5, 10, 20, then every 10 (runs up to 150
+    epochs) or 50 epochs."""
+    print("## Relative train error e by epoch (training curves)\n")
+    for r in runs:
+        e = relative_train_error(r.history, r.settings, r.num_classes)
+        last = int(e.index.max())
+        step = 10 if last <= 150 else 50
+        marks = sorted({k for k in (1, 5, 10, 20, *range(step, last + 1, step), last) if k in e.index})
+        print(f"{r.name}: " + ", ".join(f"{k}: {e.loc[k]:.3g}" for k in marks))
+    print()
+
+
 def common_thresholds(runs: list[Run]) -> list[float]:
     """The thresholds that every run of the list reaches at an analysed epoch."""
     reached = [set(m.loc[m["epoch"].notna(), "threshold"]) for m in (matched(r, THRESHOLDS) for r in runs)]
@@ -238,6 +251,7 @@ def main() -> None:
     print("Training histories identical in both directories: the pre call retrained nothing.\n")
     runs = [load_run(dirs, n) for n in names]
     print_runs(runs)
+    print_curves(runs)
     for dataset in sorted({r.dataset for r in runs}):
         group = [r for r in runs if r.dataset == dataset]
         thresholds = common_thresholds(group)
