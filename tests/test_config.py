@@ -387,3 +387,21 @@ def test_an_edited_image_changes_the_folder_datasets_fingerprint(tmp_path):
     assert os.stat(tmp_path / "train" / "a").st_mtime_ns == folder_mtime  # the folder did not change
     assert source_fingerprint(spec) != before
     assert source_fingerprint(DatasetSpec(name="digits")) is None
+
+
+def test_agop_recipe_config_states_both_recipes():
+    """config/agop_recipe.yaml (issue 18): the authors' MLP recipe and dnc's, on digits and MNIST-1D."""
+    import yaml
+
+    from dnc.config import expand_network_runs
+    from dnc.settings import NetConfig
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "agop_recipe.yaml").read_text())
+    runs = {run: NetConfig.from_settings(s) for run, s in expand_network_runs(config).items()}
+    authors = [c for c in runs.values() if c.optimizer_restart == "epoch"]
+    assert {c.dataset for c in authors} == {c.dataset for c in runs.values()} == {"digits", "mnist1d"}
+    for c in authors:
+        assert c.layer_init == ("xavier_uniform:0.1",) * 5 + ("default",)
+        recipe = (c.arch, c.head_width, c.loss, c.loss_reduction, c.lr)
+        assert recipe == ("plain", 512, "mse_pm1", "mean", 5e-5)
+    assert 0 in set.intersection(*(set(c.feature_epochs) for c in runs.values()))  # the NFA at init
