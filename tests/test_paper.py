@@ -116,6 +116,9 @@ def smoke_datasets(config: dict, root: Path) -> dict:
 def smoke_config(paper: dict, root: Path) -> dict:
     """paper.yaml with every size shrunk for the CPU (see the module docstring)."""
     config = {**copy.deepcopy(paper), "device": "cpu", "datasets": smoke_datasets(paper, root)}
+    for key in ("net_resources", "rfm_resources"):  # one thread: tiny jobs run side by side
+        if key in config:
+            config[key] = {**config[key], "threads": 1}
     for section in SIZE_KEYS:
         block = config.get(section) or {}
         defaults = _shrink(section, block.get("defaults") or {})
