@@ -369,9 +369,11 @@ def test_paper_config_plans_the_right_jobs(tmp_path):
     batch_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_train_"))
     measure_jobs = sum(int(n) for rule, n in counts.items() if rule.startswith("dufm_measure_"))
     assert measure_jobs == len(paper["dufm"]["experiments"])  # one per experiment
-    assert counts["prepare_dataset"] == "5" and counts["train_network"] == "3"
-    assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1))  # seeds x (mnist, svhn, cifar cos, cifar relu)
-    assert batch_jobs == n_dufm // 10 and counts["compare_network"] == "3"  # batches of 10 runs
+    # networks: resnet20_head on 2 datasets, the AGOP paper's MLP and ResNet-18 on 3 each
+    assert counts["prepare_dataset"] == "8" and counts["train_network"] == "8"
+    # seeds x (mnist, svhn, cifar cos with and without AGOP, cifar relu, mnist cos with and without)
+    assert counts["deep_rfm"] == str(3 * (2 + 2 + 2 + 1 + 2))
+    assert batch_jobs == n_dufm // 10 and counts["compare_network"] == "8"  # batches of 10 runs
     assert "--gpus" not in out.stdout  # local dry run: a resource (test_local_gpu_jobs_declare_one_gpu_each)
 
 
