@@ -27,6 +27,7 @@ include: "workflow/rules/nets.smk"
 include: "workflow/rules/rfm.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/lm.smk"
 include: "workflow/rules/report.smk"
 
 

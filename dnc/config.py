@@ -20,15 +20,27 @@ and every run is checked by building its settings dataclass here, before any job
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
-from dnc.data import DatasetSpec, sample_shape
+from dnc.data import DatasetSpec, make_spec, sample_shape
+from dnc.data.spec import TEXT
+from dnc.io import BadInputError
+from dnc.lm.files import (
+    hf_dir,
+    is_hf_spec,
+    max_positions,
+    read_hf_config,
+    tokenizer_file,
+    tokenizer_vocab_size,
+)
 from dnc.models.files import CheckpointError, find_checkpoints
 from dnc.settings import (
     SHAPE_KEYS,
     DUFMConfig,
+    LMTrainConfig,
     ModelConfig,
     NetConfig,
     RFMConfig,
@@ -37,8 +49,8 @@ from dnc.settings import (
 )
 
 __all__ = ["ConfigError", "canonical", "dataset_specs", "dufm_batches", "dufm_measure_groups",
-           "dufm_tolerances", "expand_dufm_runs", "expand_model_runs", "expand_network_runs",
-           "expand_rfm_runs", "format_value"]
+           "dufm_tolerances", "expand_dufm_runs", "expand_lm_training", "expand_model_runs",
+           "expand_network_runs", "expand_rfm_runs", "format_value"]
 
 # Settings carried by every run (the seed and the device are set per run and per machine).
 RUN_KEYS = tuple(f.name for f in fields(DUFMConfig) if f.name not in ("seed", "device"))
@@ -199,6 +211,9 @@ def _dataset_runs(config: Mapping[str, Any], section: str, cls: type,
             if settings.get(key) is not None and settings[key] not in datasets:
                 raise ConfigError(f"{where}.{key}: {settings[key]!r} is not a key of "
                                   f"datasets ({sorted(datasets)})")
+            if settings.get(key) is not None and (datasets[settings[key]] or {}).get("name") == TEXT:
+                raise ConfigError(f"{where}.{key}: {settings[key]!r} is a text dataset (token windows), "
+                                  f"measured by hf: language models in the models section")
         settings = _as_floats(cls, settings)
         _validate(cls, settings, f"{where} (run {rid})")
         runs[rid] = {**{k: settings[k] for k in keys}, "seed": seed, "experiment": exp,
@@ -212,7 +227,7 @@ def dataset_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     specs = {}
     for name, spec in (config.get("datasets") or {}).items():
         try:
-            specs[name] = canonical(asdict(DatasetSpec(**(spec or {}))))
+            specs[name] = canonical(asdict(make_spec(spec or {})))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"datasets.{name}: {e}") from e
     return specs
@@ -337,10 +352,83 @@ def expand_model_runs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a key of datasets "
                               f"({sorted(datasets)})")
         _validate(ModelConfig, settings, where)
-        try:
-            files = find_checkpoints(settings["checkpoints"], settings["step_regex"], settings["init"])
-        except CheckpointError as e:
-            raise ConfigError(f"{where}.checkpoints: {e}") from e
+        text = (datasets[settings["dataset"]] or {}).get("name") == TEXT
+        if text != is_hf_spec(settings["model"]):
+            name = settings["dataset"]
+            raise ConfigError(f"{where}: " + (
+                f"dataset {name!r} is a text dataset, read by hf: language models only" if text
+                else f"an hf: language model reads a text dataset; {name!r} is not one"))
+        if text and not settings["checkpoints"]:
+            if settings["init"]:
+                raise ConfigError(f"{where}: init: true (a random model of the folder's config as "
+                                  f"step 0) needs checkpoints; without them the folder itself is step 0")
+            files = [(0, hf_dir(settings["model"]))]
+        else:
+            try:
+                files = find_checkpoints(settings["checkpoints"], settings["step_regex"], settings["init"])
+            except CheckpointError as e:
+                raise ConfigError(f"{where}.checkpoints: {e}") from e
+        if text:
+            check_lm_inputs(where, settings["model"], [p for _, p in files if p],
+                            make_spec(datasets[settings["dataset"]]))
         runs[exp] = {**{k: settings[k] for k in MODEL_KEYS}, "experiment": exp,
                      "checkpoint_files": [[step, path] for step, path in files]}
     return runs
+
+
+def check_lm_inputs(where: str, model: str, checkpoints: list[str], spec: Any) -> None:
+    """Parse-time checks of an hf: experiment, on the folders and the tokenizer that exist now
+    (those a rule of the DAG writes are checked by their measuring job, before any long work):
+    each folder is a causal language model, takes windows of the dataset's context, and has an
+    embedding row for every id the tokenizer produces."""
+    folders = [f for f in dict.fromkeys([hf_dir(model), *checkpoints]) if os.path.exists(f)]
+    vocab = None
+    tok = tokenizer_file(spec.tokenizer) if os.path.exists(spec.tokenizer) else None
+    try:
+        if tok is not None and os.path.isfile(tok):
+            vocab = tokenizer_vocab_size(tok)
+        for folder in folders:
+            cfg = read_hf_config(folder)
+            limit = max_positions(cfg)
+            if limit is not None and spec.context > limit:
+                raise BadInputError(f"{folder}: the model takes at most {limit} positions, the dataset's "
+                                    f"context is {spec.context}; lower context")
+            size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+            if vocab is not None and isinstance(size, int) and vocab > size:
+                raise BadInputError(f"{folder}: the tokenizer {tok} produces ids up to {vocab - 1}, but the "
+                                    f"model has {size} embedding rows (vocab_size): the tokenizer is not "
+                                    f"this model's")
+    except BadInputError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def expand_lm_training(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map name -> resolved settings of each language model trained inside the DAG
+    (``lm_training``, dnc.settings.LMTrainConfig), checked: the dataset is a text dataset whose
+    tokenizer is the one trained here, and whose corpus is the exported one when corpus is
+    pydoc_data."""
+    from dnc.paths import lm_train_paths
+
+    datasets = config.get("datasets") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in (config.get("lm_training") or {}).items():
+        where = f"lm_training.{name}"
+        settings = {**optional_keys(LMTrainConfig), **(spec or {})}
+        settings.pop("device", None)
+        missing = [k for k in required_keys(LMTrainConfig) if k not in settings]
+        if missing:
+            raise ConfigError(f"{where}: missing {missing}")
+        _validate(LMTrainConfig, settings, where)
+        ds = datasets.get(settings["dataset"])
+        if ds is None or ds.get("name") != TEXT:
+            raise ConfigError(f"{where}.dataset: {settings['dataset']!r} is not a text dataset of datasets")
+        paths = lm_train_paths(name)
+        if os.path.normpath(ds.get("tokenizer", "")) != os.path.normpath(paths.tokenizer):
+            raise ConfigError(f"{where}: dataset {settings['dataset']!r} must use the tokenizer trained "
+                              f"here, tokenizer: {paths.tokenizer} (it has {ds.get('tokenizer')!r})")
+        if settings["corpus"] == "pydoc_data" and os.path.normpath(ds.get("path", "")) != os.path.normpath(
+                paths.corpus):
+            raise ConfigError(f"{where}: corpus pydoc_data is written to {paths.corpus}; give that as "
+                              f"the path of dataset {settings['dataset']!r} (it has {ds.get('path')!r})")
+        out[name] = canonical({k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()})
+    return out

@@ -11,7 +11,8 @@ from dataclasses import astuple, dataclass
 from dnc.layout import feature_file, weights_file
 
 __all__ = ["RESULTS", "RunPaths", "run_paths", "NetPaths", "net_paths", "RFMPaths", "rfm_paths",
-           "ModelPaths", "model_paths", "example_paths", "dataset_path", "ReportPaths", "report_paths"]
+           "ModelPaths", "model_paths",
+           "LMTrainPaths", "lm_train_paths", "example_paths", "dataset_path", "ReportPaths", "report_paths"]
 
 RESULTS = "results"
 
@@ -94,19 +95,51 @@ def rfm_paths(run: str, root: str = RESULTS) -> RFMPaths:
 @dataclass(frozen=True)
 class ModelPaths:
     """A model experiment's feature folder (one train, test and weights file per checkpoint step,
-    named as in a network's feature folder, dnc.layout) and its metrics."""
+    named as in a network's feature folder, dnc.layout) and its metrics. A language model (hf:)
+    writes no features: one metrics file per step in steps/, gathered into metrics."""
 
     features: str
     metrics: str
+    steps: str
 
     def step_files(self, step: int | str) -> tuple[str, str, str]:
         """(train features, test features, classifier weights) of one step."""
         train, test = (str(feature_file(self.features, step, s)) for s in ("train", "test"))
         return train, test, str(weights_file(self.features, step))
 
+    def step_metrics(self, step: int | str) -> str:
+        """The tidy metrics of one checkpoint step of a language model."""
+        return f"{self.steps}/step_{step}.parquet"
+
 
 def model_paths(run: str, root: str = RESULTS) -> ModelPaths:
-    return ModelPaths(f"{root}/models/{run}/features", f"{root}/metrics/{run}/metrics.parquet")
+    return ModelPaths(f"{root}/models/{run}/features", f"{root}/metrics/{run}/metrics.parquet",
+                      f"{root}/models/{run}/steps")
+
+
+@dataclass(frozen=True)
+class LMTrainPaths:
+    """A language model trained inside the DAG (config ``lm_training``): the corpus exported from
+    Python's own documentation (corpus: pydoc_data), the byte-level BPE tokenizer trained on the
+    corpus, the training history and one Hugging Face folder per saved step."""
+
+    corpus: str
+    tokenizer: str
+    history: str
+    root: str
+
+    def checkpoint(self, step: int | str) -> str:
+        """The folder of the model after step optimiser steps (step 0: the initialisation)."""
+        return f"{self.root}/checkpoint-{step}"
+
+    def checkpoint_files(self, step: int | str) -> list[str]:
+        """config.json and model.safetensors of a saved step (what save_pretrained writes)."""
+        return [f"{self.checkpoint(step)}/config.json", f"{self.checkpoint(step)}/model.safetensors"]
+
+
+def lm_train_paths(name: str, root: str = RESULTS) -> LMTrainPaths:
+    out = f"{root}/lm/{name}"
+    return LMTrainPaths(f"{out}/corpus.txt", f"{out}/tokenizer.json", f"{out}/history.parquet", out)
 
 
 def example_paths(name: str, save: list[int], root: str = RESULTS) -> tuple[str, list[str]]:

@@ -297,8 +297,12 @@ class ModelConfig:
     """One model experiment: a user's model and its checkpoints, measured layer by layer
     (docs/models.md). The run id is the experiment's name.
 
-    model: ``torchvision:<builder>``, ``timm:<name>`` or ``python:<file.py or module>:<callable>``;
-    kwargs: passed to the builder. checkpoints: a glob or a list of files; step_regex: reads each
+    model: ``torchvision:<builder>``, ``timm:<name>``, ``python:<file.py or module>:<callable>``,
+    or ``hf:<folder>``, a causal language model in the Hugging Face layout measured token by token
+    on a ``text`` dataset (docs/language_models.md: its checkpoints are ``checkpoint-<step>``
+    folders, without checkpoints the folder itself is step 0; layers are indices into its hidden
+    states, "auto" or "all" = every one; batch_size counts windows); kwargs: passed to the builder
+    (hf: to from_pretrained). checkpoints: a glob or a list of files; step_regex: reads each
     file's step (default: the last integer in its name); init: also measure the untrained model
     (seeded by seed) as step 0; state_key: the key of the state dict inside a training checkpoint
     (found automatically when one value is a state dict). dataset: a key of the config's datasets.
@@ -325,9 +329,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         kind = self.model.partition(":")[0]
-        if kind not in MODEL_KINDS or ":" not in self.model:
-            raise ValueError(f"model must be torchvision:<builder>, timm:<name> or "
-                             f"python:<file.py or module>:<callable>, got {self.model!r}")
+        if kind not in MODEL_KINDS or ":" not in self.model or not self.model.partition(":")[2]:
+            raise ValueError(f"model must be torchvision:<builder>, timm:<name>, "
+                             f"python:<file.py or module>:<callable> or hf:<folder>, got {self.model!r}")
         if kind == "python" and self.model.count(":") < 2:
             raise ValueError(f"model {self.model!r}: python specs name the callable too "
                              f"(python:<file.py or module>:<callable>)")
@@ -335,8 +339,18 @@ class ModelConfig:
             object.__setattr__(self, "layers", tuple(self.layers))
             if not self.layers:
                 raise ValueError("layers: give 'auto' or at least one node name")
-        elif self.layers != "auto":
-            raise ValueError(f"layers must be 'auto' or a list of node names, got {self.layers!r}")
+            ints = [isinstance(v, int) and not isinstance(v, bool) for v in self.layers]
+            if kind == "hf" and not all(ints):
+                raise ValueError(f"layers of an hf: model are hidden-state indices (0 = the embeddings, "
+                                 f"i = the output of block i), 'auto' or 'all'; got {list(self.layers)}")
+            if kind == "hf" and (min(self.layers) < 0 or len(set(self.layers)) != len(self.layers)):
+                raise ValueError(f"layers: hidden-state indices must be distinct and >= 0, "
+                                 f"got {list(self.layers)}")
+            if kind != "hf" and any(ints):
+                raise ValueError(f"layers are node names (strings), got {list(self.layers)}")
+        elif self.layers not in ("auto", "all") or (self.layers == "all" and kind != "hf"):
+            raise ValueError(f"layers must be 'auto' or a list of node names ('all' or hidden-state "
+                             f"indices for an hf: model), got {self.layers!r}")
         pools = self.pool.values() if isinstance(self.pool, dict) else [self.pool]
         bad = [p for p in pools if p not in POOLS]
         if bad:
@@ -348,4 +362,60 @@ class ModelConfig:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> ModelConfig:
         """Build from a resolved run of dnc.config.expand_model_runs (extra keys are ignored)."""
+        return _from_settings(cls, settings, device)
+
+
+@dataclass(frozen=True)
+class LMTrainConfig:
+    """A small GPT-2-style causal language model trained inside the DAG (config ``lm_training``,
+    dnc.lm.train; docs/language_models.md), so that a language model's collapse can be followed
+    over training on any machine, offline.
+
+    corpus: "pydoc_data" exports the English documentation shipped with Python (pydoc_data.topics)
+    to results/lm/<name>/corpus.txt; None: the dataset's own corpus files. dataset: a text dataset
+    (a key of ``datasets``) whose train windows the model trains on; its tokenizer must be
+    results/lm/<name>/tokenizer.json, the byte-level BPE of vocab_size tokens trained here on the
+    corpus. n_layer, n_embd, n_head: GPT-2's shape (n_positions = the dataset's context). steps:
+    AdamW steps of batch_size windows (lr with linear warmup over warmup steps, then cosine to 0;
+    weight_decay on the matrices only; gradient norm clipped at 1); save: the steps whose model is
+    written as checkpoint-<step>/ (0 = the seeded initialisation). seed: initialisation and batch
+    order.
+    """
+
+    dataset: str
+    save: tuple[int, ...]
+    corpus: str | None = None
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.corpus not in (None, "pydoc_data"):
+            raise ValueError(f"corpus must be pydoc_data or absent (the dataset's own files), "
+                             f"got {self.corpus!r}")
+        for key in ("vocab_size", "n_layer", "n_embd", "n_head", "steps", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if self.vocab_size < 257:
+            raise ValueError(f"vocab_size must be at least 257 (the 256 bytes of a byte-level BPE plus "
+                             f"one merge), got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        object.__setattr__(self, "save", tuple(sorted({int(s) for s in self.save})))
+        if not self.save or self.save[0] < 0 or self.save[-1] > self.steps:
+            raise ValueError(f"save must list steps in [0, steps = {self.steps}], got {list(self.save)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("lr must be positive, weight_decay and warmup non-negative")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], device: str = "auto") -> LMTrainConfig:
         return _from_settings(cls, settings, device)

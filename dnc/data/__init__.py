@@ -35,13 +35,16 @@ from dnc.data.spec import (  # noqa: F401
     IMAGE_EXTENSIONS,
     OFFLINE,
     SAMPLE_SHAPES,
+    TEXT,
     TORCHVISION,
     TRANSFORM_KEYS,
     TRANSFORMS_OF,
     USER,
     DatasetSpec,
+    TextSpec,
     check_transform,
+    make_spec,
 )
 
-__all__ = ["DatasetSpec", "balanced_rows", "folder_classes", "load_splits", "prepare_dataset",
-           "read_split", "sample_shape", "source_paths", "TORCHVISION"]
+__all__ = ["DatasetSpec", "TextSpec", "make_spec", "balanced_rows", "folder_classes", "load_splits",
+           "prepare_dataset", "read_split", "sample_shape", "source_paths", "TORCHVISION"]

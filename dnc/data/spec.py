@@ -17,6 +17,7 @@ TORCHVISION = {
 }
 OFFLINE = ("digits", "mnist1d", "gaussian")
 USER = ("folder", "arrays")  # the user's own data: an ImageFolder tree, an .npz of arrays
+TEXT = "text"  # a text corpus cut into token windows, for causal language models (dnc.lm.corpus)
 GAUSSIAN = {"K": 10, "dim": 20, "separation": 2.0, "n": 100}  # defaults of the gaussian mixture
 # Shape of one sample as the loaders below return it (gaussian: (1, dim)); the workflow checks an
 # architecture against it before any job runs.
@@ -89,7 +90,7 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         if self.name not in OFFLINE and self.name not in TORCHVISION and self.name not in USER:
             raise ValueError(f"unknown dataset {self.name!r}; choose one of "
-                             f"{sorted([*OFFLINE, *TORCHVISION, *USER])}")
+                             f"{sorted([*OFFLINE, *TORCHVISION, *USER, TEXT])}")
         self._check_source()
         if self.n_per_class is not None and self.first_n is not None:
             raise ValueError("give n_per_class or first_n, not both")
@@ -209,3 +210,49 @@ def _check_folder_channels(t: Mapping) -> None:
     if n not in (1, C):
         raise ValueError(f"transform.normalize has {n} values per statistic for {C} channel(s); "
                          f"give {C} or 1")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A text corpus for causal language models (docs/language_models.md, dnc.lm.corpus).
+
+    The corpus (path: one UTF-8 file, or a folder whose ``.txt`` files are read in name order, each
+    whole, joined with a newline) is tokenized once as one sequence without special tokens by the
+    tokenizer (a ``tokenizer.json`` file, or a folder holding one), cut after max_tokens tokens
+    (None: all), and cut into consecutive non-overlapping windows of context tokens (a partial
+    last window is dropped). The last test_fraction of the windows (rounded down) are the test
+    split. In a window the hidden state at position t = 0 .. context - 2 is a sample whose label
+    is the token at t + 1.
+    """
+
+    name: str
+    path: str
+    tokenizer: str
+    context: int = 128
+    max_tokens: int | None = None
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name != TEXT:
+            raise ValueError(f"TextSpec is the {TEXT!r} dataset kind, got name {self.name!r}")
+        wanted = {"path": "a .txt file or a folder of them",
+                  "tokenizer": "a tokenizer.json file or a folder holding one"}
+        for key, what in wanted.items():
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"text: give {key} ({what})")
+        _check_count("context", self.context)
+        if self.context < 2:
+            raise ValueError(f"text: context must be at least 2 tokens (a window of N tokens gives "
+                             f"N - 1 samples), got {self.context}")
+        if self.max_tokens is not None:
+            _check_count("max_tokens", self.max_tokens)
+        if isinstance(self.test_fraction, bool) or not 0 <= float(self.test_fraction) < 1:
+            raise ValueError(f"text: test_fraction must be in [0, 1), got {self.test_fraction!r}")
+        object.__setattr__(self, "test_fraction", float(self.test_fraction))
+
+
+def make_spec(options: Mapping[str, Any]) -> DatasetSpec | TextSpec:
+    """The spec of a ``datasets`` entry: TextSpec for ``name: text``, else DatasetSpec.
+    Raises TypeError (an unknown option) or ValueError (a bad value)."""
+    options = dict(options or {})
+    return TextSpec(**options) if options.get("name") == TEXT else DatasetSpec(**options)

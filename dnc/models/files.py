@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["CheckpointError", "find_checkpoints", "step_of", "model_source_file", "MODEL_KINDS"]
 
-MODEL_KINDS = ("torchvision", "timm", "python")
+MODEL_KINDS = ("torchvision", "timm", "python", "hf")  # hf: a causal language model (dnc.lm)
 _GLOB = re.compile(r"[*?\[]")
 
 

@@ -2,14 +2,18 @@
 # no torch and no plotting library (dnc.config, dnc.paths and dnc.settings are torch-free).
 import os
 import re
+import sys
 
 import dnc
 from dnc.config import (ConfigError, canonical, dataset_specs, dufm_batches, dufm_measure_groups,
-                        dufm_tolerances, expand_dufm_runs, expand_model_runs, expand_network_runs, expand_rfm_runs)
-from dnc.data import DatasetSpec, source_fingerprint, source_paths
+                        dufm_tolerances, expand_dufm_runs, expand_lm_training, expand_model_runs,
+                        expand_network_runs, expand_rfm_runs)
+from dnc.data import make_spec, source_fingerprint, source_paths
+from dnc.lm.files import corpus_files, hf_dir, hf_files, is_hf_spec
 from dnc.device import local_gpus
 from dnc.models.files import model_source_file
-from dnc.paths import dataset_path, example_paths, model_paths, net_paths, report_paths, rfm_paths, run_paths
+from dnc.paths import (dataset_path, example_paths, lm_train_paths, model_paths, net_paths, report_paths,
+                       rfm_paths, run_paths)
 from dnc.settings import ANALYSIS_ONLY, EXTRACTION_ONLY
 
 try:
@@ -18,6 +22,7 @@ try:
     RFM_RUNS = expand_rfm_runs(config)
     MODEL_RUNS = expand_model_runs(config)
     DATASETS = dataset_specs(config)
+    LM_TRAINING = expand_lm_training(config)
     DUFM_BATCHES = dufm_batches(config, RUNS)
     DUFM_MEASURE = dufm_measure_groups(DUFM_BATCHES, RUNS)
     DUFM_TOLERANCES = dufm_tolerances(config, RUNS)
@@ -48,7 +53,11 @@ def alternatives(ids):
 
 NET_RUN = alternatives(NET_RUNS)
 RFM_RUN = alternatives(RFM_RUNS)
-MODEL_RUN = alternatives(MODEL_RUNS)
+# Language models (hf: specs) are measured by measure_lm (lm.smk), the other models by extract_model.
+LM_RUNS = {r: s for r, s in MODEL_RUNS.items() if is_hf_spec(s["model"])}
+MODEL_RUN = alternatives([r for r in MODEL_RUNS if r not in LM_RUNS])
+LM_RUN = alternatives(LM_RUNS)
+LM_TRAIN = alternatives(LM_TRAINING)
 MODEL = model_paths("{run}")
 EXAMPLES = config.get("examples") or {}
 
@@ -183,7 +192,7 @@ def dataset_inputs(wildcards):
     """The files a dataset is read from (an arrays dataset's .npz, which another rule such as an
     example's training may write; an image folder's train/ and test/), so that changing them
     reruns its preparation."""
-    return source_paths(DatasetSpec(**DATASETS[wildcards.dataset]))
+    return source_paths(make_spec(DATASETS[wildcards.dataset]))
 
 
 def per_run(field, runs, paths):
@@ -217,3 +226,40 @@ def build_partial_report():
         return
     logger.warning(f"partial report of the runs that finished, {len(missing)} run(s) missing: "
                    f"{REPORT.partial_html} (the next invocation reruns what is missing)")
+
+
+# ---------------------------------------------------------------------------- language models
+
+# What measuring one checkpoint of a language model reads (not the other checkpoints, nor the
+# image-model keys pool, classifier, max_width, state_key); the seed only for the random step 0.
+_LM_MEASURE = ("model", "kwargs", "layers", "batch_size", "dataset")
+
+
+def lm_measure_settings(wildcards):
+    s = LM_RUNS[wildcards.run]
+    keys = _LM_MEASURE + (("seed",) if not lm_checkpoint_dir(wildcards) else ())
+    return canonical({k: s[k] for k in keys})
+
+
+def lm_checkpoint_dir(wildcards):
+    """The folder of one step ("" for the random initialisation of init: true)."""
+    return dict(LM_RUNS[wildcards.run]["checkpoint_files"])[int(wildcards.step)]
+
+
+def lm_checkpoint_files(wildcards):
+    """config.json and the weights of the step's folder (config.json of the model folder for the
+    random step 0), so that a rewritten checkpoint reruns its measurement."""
+    folder = lm_checkpoint_dir(wildcards)
+    if not folder:
+        return [os.path.join(hf_dir(LM_RUNS[wildcards.run]["model"]), "config.json")]
+    return hf_files(folder)
+
+
+def lm_step_files(wildcards):
+    """The per-step metrics of every checkpoint of a language model, in step order."""
+    return [model_paths(wildcards.run).step_metrics(step) for step, _ in LM_RUNS[wildcards.run]["checkpoint_files"]]
+
+
+def lm_corpus_files(wildcards):
+    """The corpus files of the dataset a language model trained in the DAG trains on."""
+    return corpus_files(DATASETS[LM_TRAINING[wildcards.name]["dataset"]]["path"])

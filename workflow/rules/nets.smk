@@ -8,7 +8,7 @@ rule prepare_dataset:
     params:
         spec=lambda w: DATASETS[w.dataset],
         # an image folder's files (an edited image changes no folder's modification time)
-        files=lambda w: source_fingerprint(DatasetSpec(**DATASETS[w.dataset])),
+        files=lambda w: source_fingerprint(make_spec(DATASETS[w.dataset])),
         version=DNC_VERSION,
     threads: 1
     script:

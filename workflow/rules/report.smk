@@ -9,12 +9,16 @@ rule build_report:
         net_comparisons=per_run("comparison", NET_RUNS, net_paths),
         net_verdicts=per_run("verdict", NET_RUNS, net_paths),
         # networks, and the MLP heads of model experiments (analyze_model)
-        analyses=per_run("analysis", NET_RUNS, net_paths) + per_run("analysis", MODEL_RUNS, net_paths),
+        analyses=per_run("analysis", NET_RUNS, net_paths)
+        + per_run("analysis", [r for r in MODEL_RUNS if r not in LM_RUNS], net_paths),
         rfm_metrics=per_run("metrics", RFM_RUNS, rfm_paths),
         rfm_layers=per_run("layers", RFM_RUNS, rfm_paths),
         # Gram matrices: Deep RFM runs, and networks (not model experiments: analyze_model writes none)
         grams=per_run("grams", RFM_RUNS, rfm_paths) + per_run("grams", NET_RUNS, net_paths),
         model_metrics=per_run("metrics", MODEL_RUNS, model_paths),
+        # language models: the token windows of their text datasets (token frequencies, the cut)
+        lm_datasets=sorted({dataset_path(s["dataset"]) for s in LM_RUNS.values()}),
+        lm_histories=[lm_train_paths(n).history for n in LM_TRAINING],
     output:
         summary=report(REPORT.summary, caption="../report/summary.rst", category="Report"),
         html=report(REPORT.html, caption="../report/index.rst", category="Report"),
@@ -27,6 +31,7 @@ rule build_report:
         net_runs=NET_RUNS,
         rfm_runs=RFM_RUNS,
         model_runs=MODEL_RUNS,
+        lm_training=LM_TRAINING,
         configfiles=[str(f) for f in workflow.configfiles],
         # the stale partial report of an earlier failed invocation, removed once this one is built
         partial=[REPORT.partial_summary, REPORT.partial_html],
