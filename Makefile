@@ -9,8 +9,8 @@ GPUS ?=
 # torch 2.14.1 / torchvision 0.29.1: installed first so pip never resolves another torch build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
-# Each target installs what it needs: the pipeline (RUN_STAMP), then the test, SLURM and timm
-# extras on top for the tests, lint and cluster runs (STAMP).
+# Each target installs what it needs: the pipeline with its language-model extra (RUN_STAMP), then
+# the test, SLURM and timm extras on top for the tests, lint and cluster runs (STAMP).
 RUN_STAMP := $(VENV)/.dnc-run-installed
 STAMP := $(VENV)/.dnc-installed
 
@@ -19,11 +19,11 @@ STAMP := $(VENV)/.dnc-installed
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[data]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[data,lm]"
 	touch $@
 
 $(STAMP): $(RUN_STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,data,cluster,models]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,data,cluster,models,lm]"
 	touch $@
 
 run: $(RUN_STAMP)
