@@ -9,7 +9,7 @@ log = configure_logging(snakemake.log[0])
 inp, p, out = snakemake.input, snakemake.params, snakemake.output
 
 write_report({key: list(inp[key]) for key in inp.keys()}, p.runs, p.net_runs, p.rfm_runs,
-             p.configfiles, out.summary, out.html, model_runs=p.model_runs)
+             p.configfiles, out.summary, out.html, model_runs=p.model_runs, lm_training=p.lm_training)
 for stale in map(Path, p.partial):  # an earlier failed invocation's partial report: superseded
     stale.unlink(missing_ok=True)
     if stale.parent.is_dir() and not any(stale.parent.iterdir()):

@@ -5,6 +5,7 @@ writing the summary and the page."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -15,6 +16,7 @@ from dnc.report.claims import claim_row, claims_table
 from dnc.report.devices import read_devices, render_device_section
 from dnc.report.dufm import render_dufm_section
 from dnc.report.grams import read_grams, render_network_grams
+from dnc.report.lm import TokenCounts, lm_claims, read_lm_histories, read_token_counts, render_lm_section
 from dnc.report.lowrank import render_lowrank_section
 from dnc.report.models import model_claims, render_model_section
 from dnc.report.networks import nc5_claims, render_network_section
@@ -27,12 +29,16 @@ __all__ = ["build_report", "write_report", "claims_table", "config_frame", "net_
            "model_config_frame", "summary_table"]
 
 TITLE = "dnc report: deep neural collapse against theory"
+# Report inputs of language models that are not per-run results: the text datasets (read as label
+# counts, never as a table) and the histories of the models trained in the DAG (one per lm_training).
+LM_INPUTS = ("lm_datasets", "lm_histories")
 
 
 def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, pd.DataFrame],
                  configfiles: list[str], missing: pd.DataFrame | None = None, *,
-                 model_runs: dict | None = None,
-                 devices: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+                 model_runs: dict | None = None, devices: pd.DataFrame | None = None,
+                 lm_counts: Mapping[str, TokenCounts] | None = None, lm_histories: pd.DataFrame | None = None,
+                 lm_training: Mapping[str, Mapping] | None = None) -> tuple[pd.DataFrame, str]:
     """The summary table and the HTML page.
 
     Args:
@@ -47,6 +53,9 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
             None or empty: the page and summary are exactly those of a config without them.
         devices: the device record of each stage's files (devices.read_devices), shown in a
             "Devices" section at the end; None: no such section.
+        lm_counts, lm_histories, lm_training: for the language models among model_runs (hf:
+            specs; dnc.report.lm): label counts per text dataset name, the training histories of
+            the models trained in the DAG, and lm_training name -> settings. None: not drawn.
     """
     missing = missing if missing is not None else pd.DataFrame(columns=["run", "missing"])
     model_runs = model_runs or {}
@@ -82,7 +91,7 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
     extra = rfm_claims(rfm_config, tables["rfm_metrics"]) + (
         analysis_claims(tables["analyses"]) if not tables["analyses"].empty else []) + (
         nc5_claims(tables["net_metrics"]) if not tables["net_metrics"].empty else []) + (
-        model_claims(model_runs, model_metrics) if model_runs else [])
+        model_claims(model_runs, model_metrics) + lm_claims(model_runs, model_metrics) if model_runs else [])
     claims = pd.concat([claims, pd.DataFrame([claim_row(r["claim"], r["source"], r["runs"], r["code"],
                                                         r["evidence"]) for r in extra])], ignore_index=True)
     conventions = sorted({c for t in (tables["metrics"], tables["net_metrics"], tables["rfm_metrics"],
@@ -111,6 +120,7 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
         parts.append(render_network_grams(net_config, grams))
     if model_runs:
         parts.append(render_model_section(model_runs, model_metrics))
+        parts.append(render_lm_section(model_runs, model_metrics, lm_counts, lm_histories, lm_training))
     if not rfm_config.empty:
         parts.append(render_rfm_section(rfm_config, tables["rfm_metrics"], tables["rfm_layers"], grams))
     if devices is not None:
@@ -121,20 +131,28 @@ def build_report(runs: dict, net_runs: dict, rfm_runs: dict, tables: dict[str, p
 
 def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict, rfm_runs: dict,
                  configfiles: list[str], summary_path: str, html_path: str,
-                 partial: bool = False, *, model_runs: dict | None = None) -> pd.DataFrame:
+                 partial: bool = False, *, model_runs: dict | None = None,
+                 lm_training: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
     """Read the report's input files, build it and write summary_path and html_path atomically.
 
     Args:
         inputs: input key (histories, metrics, ..., model_metrics, grams; see build_report) -> per-run
             files (model_metrics: results/metrics/<experiment>/metrics.parquet; may be absent; grams:
-            of the runs drawn only, dnc.report.grams.read_grams).
+            of the runs drawn only, dnc.report.grams.read_grams), and the language models' LM_INPUTS
+            (lm_datasets: text dataset files, read as label counts; lm_histories: training
+            histories; either may be absent).
         partial: build from the runs whose files all exist and list the others (after a failed
-            `--keep-going` run); otherwise every file must exist.
+            `--keep-going` run); otherwise every file must exist. LM_INPUTS that do not exist are
+            left out: they are not runs (an experiment whose dataset or model is absent has no
+            metrics either, and is listed as missing through them).
         model_runs: model experiments (see build_report).
+        lm_training: the models trained in the DAG, name -> settings (config lm_training).
 
     Returns:
         The missing runs (run, missing files); empty unless partial.
     """
+    lm_files = {k: [f for f in inputs.get(k, []) if not partial or os.path.exists(f)] for k in LM_INPUTS}
+    inputs = {k: fs for k, fs in inputs.items() if k not in LM_INPUTS}
     missing = missing_runs(inputs) if partial else pd.DataFrame(columns=["run", "missing"])
     files = available_inputs(inputs, missing)
     tables = {key: pd.concat([read_frame(f) for f in fs], ignore_index=True) if fs else pd.DataFrame()
@@ -143,8 +161,11 @@ def write_report(inputs: Mapping[str, Sequence[str]], runs: dict, net_runs: dict
         diverged = diverged_ids(tables.get("verdicts", pd.DataFrame())) | diverged_ids(
             tables.get("net_verdicts", pd.DataFrame()))
         tables["grams"] = read_grams(files["grams"], {**net_runs, **rfm_runs}, diverged)
-    summary, html = build_report(runs, net_runs, rfm_runs, tables, configfiles, missing,
-                                 model_runs=model_runs, devices=read_devices(files))
+    summary, html = build_report(
+        runs, net_runs, rfm_runs, tables, configfiles, missing, model_runs=model_runs,
+        devices=read_devices({**files, "lm_histories": lm_files["lm_histories"]}),
+        lm_counts=read_token_counts(lm_files["lm_datasets"]),
+        lm_histories=read_lm_histories(lm_files["lm_histories"]), lm_training=lm_training)
     write_parquet(summary, summary_path)
     with atomic_path(html_path) as tmp:
         tmp.write_text(html, encoding="utf-8")

@@ -16,12 +16,14 @@ from dnc.report.status import run_of
 
 __all__ = ["STAGES", "DEVICE_COLUMNS", "read_devices", "render_device_section"]
 
-# Report input key -> the stage (rule) that wrote those files.
+# Report input key -> the stage (rule) that computed those files. A language model's metrics are
+# computed by its measure_lm jobs; lm_metrics only gathers them, with their device record.
 STAGES = {"histories": "dufm_train", "metrics": "dufm_measure", "comparisons": "dufm_measure",
           "verdicts": "dufm_measure", "net_histories": "train_network", "net_metrics": "compute_metrics",
           "net_comparisons": "compare_network", "net_verdicts": "compare_network",
           "analyses": "analyze_network / analyze_model", "rfm_metrics": "deep_rfm", "rfm_layers": "deep_rfm",
-          "model_metrics": "model_metrics", "grams": "deep_rfm / analyze_network"}
+          "model_metrics": "model_metrics / measure_lm", "grams": "deep_rfm / analyze_network",
+          "lm_histories": "train_lm"}
 DEVICE_COLUMNS = ["stage", "run", "device", "name", "torch", "cuda", "deterministic", "tf32"]
 UNRECORDED = "not recorded"  # a file written before dnc:device existed
 
