@@ -221,3 +221,22 @@ def test_folders_must_match_the_saved_steps(dataset, tmp_path):
     with pytest.raises(ValueError, match="one folder per saved step"):
         train_lm(_settings(), dataset, {0: str(tmp_path / "c0")}, str(tmp_path / "h.parquet"),
                  device="cpu", progress=False)
+
+
+def test_lm_yaml_measures_every_saved_checkpoint():
+    """config/lm.yaml: the models experiment measures exactly the folders its training saves."""
+    from pathlib import Path
+
+    import yaml
+
+    from dnc.config import expand_lm_training, expand_model_runs
+    from dnc.paths import lm_train_paths
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/lm.yaml").read_text())
+    for name, training in expand_lm_training(cfg).items():
+        paths = lm_train_paths(name)
+        run = expand_model_runs(cfg)[name]
+        assert run["checkpoint_files"] == [[s, paths.checkpoint(s)] for s in sorted(training["save"])]
+        assert run["model"] == f"hf:{paths.checkpoint(max(training['save']))}"
+        assert max(training["save"]) == training["steps"]
+        assert cfg["datasets"][training["dataset"]]["tokenizer"] == paths.tokenizer
