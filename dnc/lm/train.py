@@ -3,8 +3,9 @@
 tokenizer, and nanoGPT's training loop on a text dataset's train windows, with a Hugging Face
 folder (config.json + model.safetensors) per saved step.
 
-Deterministic: the same settings and dataset give bit-identical tokenizers and, on the CPU (and on
-a GPU under dnc.device.configure_determinism), bit-identical checkpoints.
+Deterministic: the same settings and dataset give bit-identical tokenizers and, on the CPU,
+bit-identical checkpoints (tests/test_lm_train.py). On a GPU the stage asks for deterministic
+kernels (dnc.device.configure_determinism); bit-identical GPU checkpoints have not been checked.
 """
 
 from __future__ import annotations
