@@ -346,3 +346,37 @@ def test_gather_concatenates_steps_and_refuses_other_hidden_states(lm, tmp_path)
     with pytest.raises(BadInputError, match="hidden states"):
         gather_lm_metrics([steps[0], str(tmp_path / "other.parquet")], str(tmp_path / "x.parquet"))
     assert not (tmp_path / "x.parquet").exists()
+
+
+def _write_dataset(path, windows: np.ndarray, n_test: int, vocab: int) -> None:
+    """A text dataset file in the layout of docs/schemas.md, from given windows (n, T)."""
+    import pyarrow as pa
+
+    from dnc.io import write_parquet
+
+    n, T = windows.shape
+    meta = {"name": "text", "context": T, "vocab_size": vocab, "tokens": int(windows.size),
+            "windows": {"train": n - n_test, "test": n_test}}
+    write_parquet(pa.table({
+        "split": pa.array(["train"] * (n - n_test) + ["test"] * n_test, pa.string()),
+        "window": pa.array(np.arange(n, dtype=np.int32)),
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(windows.astype(np.int32).ravel()), T),
+    }), path, {"dnc:dataset": meta})
+
+
+def test_a_split_without_two_classes(lm, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 40, size=(6, CONTEXT))
+    windows[-1] = 7  # the test window's labels: one token
+    _write_dataset(tmp_path / "one_test_class.parquet", windows, 1, lm["vocab"])
+    lm_one = {**lm, "data": str(tmp_path / "one_test_class.parquet")}
+    table, summary = _measure(lm_one, tmp_path, layers=[1])
+    assert set(table["split"]) == {"train"} and set(summary["samples"]) == {"train"}
+    _write_dataset(tmp_path / "none.parquet", windows[:5], 0, lm["vocab"])
+    table, _ = _measure({**lm, "data": str(tmp_path / "none.parquet")}, tmp_path, layers=[1])
+    assert set(table["split"]) == {"train"}
+    windows[:] = 7
+    _write_dataset(tmp_path / "one_class.parquet", windows, 1, lm["vocab"])
+    monkeypatch.setattr(transformers.GPT2Model, "forward", lambda *a, **k: pytest.fail("forward pass"))
+    with pytest.raises(BadInputError, match="1 distinct label token.*at least 2 classes"):
+        _measure({**lm, "data": str(tmp_path / "one_class.parquet")}, tmp_path, layers=[1])

@@ -13,6 +13,7 @@ import resource
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -103,16 +104,14 @@ def measure_lm_step(settings: Mapping, run: str, step: int, folder: str, dataset
     windows = {s: read_windows(dataset, s) for s in SPLITS}
     out_rows = lm.head.weight.shape[0] if lm.head is not None else 0
     classes = TokenClasses.of(windows["train"], max(lm.vocab_rows, out_rows, int(meta["vocab_size"])))
+    splits = _measurable(windows, classes, dataset)
     last = lm.num_hidden - 1
     plan = _plan(lm, layers, classes.K, windows, cfg.batch_size, conv, mem_mb,
                  f"{run} step {step} ({lm.source})")
     head_ok = head_matches(lm, torch.from_numpy(windows["train"][:1]).to(dev))
     forward = backbone(lm)
     results = {}
-    for split, w in windows.items():
-        if w.shape[0] == 0:
-            log.info("%s: no %s windows: not measured", dataset, split)
-            continue
+    for split, w in splits.items():
         results[split] = measure_split(forward, w, classes, layers, plan, conv, lm.head if head_ok else None,
                                        last, progress, name=split)
         log.info("%s: %d samples (%d dropped) in %.1f s, accuracy %s", split, results[split].samples,
@@ -132,6 +131,28 @@ def measure_lm_step(settings: Mapping, run: str, step: int, folder: str, dataset
              "process before it)", run, step, len(layers), classes.K, summary["seconds"], format_bytes(peak),
              format_bytes(plan.needed))
     return summary
+
+
+def _measurable(windows: Mapping, classes: TokenClasses, dataset: str) -> dict:
+    """The splits to measure: those with samples of at least two classes (a test split without,
+    e.g. no test window, is skipped with a note in the log).
+
+    Raises:
+        BadInputError: the train split has fewer than two classes (naming the dataset).
+    """
+    out = {}
+    for split, w in windows.items():
+        present = np.unique(classes.labels(w)) if w.shape[0] else np.empty(0, dtype=np.int64)
+        n = int((present >= 0).sum())
+        if n >= 2:
+            out[split] = w
+        elif split == SPLITS[0]:
+            raise BadInputError(f"{dataset}: the train windows have {n} distinct label token(s); collapse "
+                                f"needs at least 2 classes: give a longer corpus")
+        else:
+            log.warning("%s: the %s split has %d window(s) with %d train class(es) among its labels: not "
+                        "measured", dataset, split, w.shape[0], n)
+    return out
 
 
 def _plan(lm: LanguageModel, layers: list[int], K: int, windows: Mapping, batch_size: int, conv: Convention,
