@@ -159,10 +159,10 @@ def test_a_new_checkpoint_reruns_only_its_measurement(lm):
     _save_checkpoints(model, lm["tmp"] / "run", [30])
     out = snakemake(wd, cfg, "-n")
     assert out.returncode == 0, out.stderr
-    steps = set(re.findall(r"rule measure_lm:.*?wildcards: run=gpt, step=(\d+)", out.stdout + out.stderr, re.S))
+    text = out.stdout + out.stderr
+    steps = set(re.findall(r"rule measure_lm:.*?wildcards: run=gpt, step=(\d+)", text, re.S))
     assert steps == {"30"}
-    assert planned_jobs(wd, cfg) == {("measure_lm", "gpt"), ("lm_metrics", "gpt"), ("build_report", ""),
-                                     ("all", "")}
+    assert {rule for rule, _ in planned_jobs(wd, cfg)} == {"measure_lm", "lm_metrics", "build_report", "all"}
 
 
 def _refused(lm, tmp, change) -> str:
@@ -171,7 +171,7 @@ def _refused(lm, tmp, change) -> str:
     change(cfg)
     out = snakemake(lm["wd"], cfg, "-n")
     assert out.returncode != 0
-    return out.stderr
+    return out.stdout + out.stderr
 
 
 def test_bad_inputs_are_refused_before_any_job(lm, tmp_path):
