@@ -179,8 +179,10 @@ class ResidualAccumulator:
         width = max(self.means.K, 0 if self.Wt is None else self.Wt.shape[1])
         for i, j in row_tiles(P.shape[0], width, NCC_ELEMENTS):
             Ph = P[i:j] + self.QM.T[cb[i:j]]  # (s, q)
-            dist = (Ph * Ph).sum(1, keepdim=True) - 2 * Ph @ self.QM + self.QM2  # (s, K)
-            ncc = dist.argmin(dim=1)
+            # ||h - mu_k||^2 = ||h||^2 - 2 h.mu_k + ||mu_k||^2: the first term is the same for every
+            # class, so the argmin needs only the fused ||mu_k||^2 - 2 h.mu_k (one (s, K) pass, not
+            # three: the decisions dominate pass 2 at vocabulary-sized K).
+            ncc = torch.addmm(self.QM2, Ph, self.QM, alpha=-2).argmin(dim=1)
             self.ncc_wrong += int((ncc != cb[i:j]).sum())
             if pred is not None:
                 self.nc4_diff += int((classes[ncc] != pred[i:j]).sum())
