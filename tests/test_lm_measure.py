@@ -274,27 +274,29 @@ def test_a_job_limit_below_one_layer_is_refused_before_any_forward_pass(lm, tmp_
     assert "mem_mb" in str(e.value) and "one hidden state" in str(e.value) and "K = " in str(e.value)
 
 
-def test_plan_windows_and_groups_follow_the_budget():
+def test_plan_takes_the_fewest_groups_then_the_most_windows():
     shape, conv, cpu = ModelShape(256, 768, 13, 12, 3072), Convention(), torch.device("cpu")
     layers, K = list(range(13)), 4096
-    roomy = plan_memory(layers, K, shape, 16, cpu, conv, 12, budget=2**40)
+
+    def plan(group, batch, budget):
+        return plan_memory(list(group), K, shape, batch, cpu, conv, 12, budget=int(budget))
+
+    roomy = plan(layers, 16, 2**40)
     assert roomy.groups == (tuple(layers),) and roomy.windows == 16
     # Room for the classifier's state and 16 windows, plus about four more states.
-    alone = plan_memory([12], K, shape, 16, cpu, conv, 12, budget=2**40).needed
-    budget = alone + 4.5 * 1.1 * layer_state_bytes(K, 768, conv)
-    some = plan_memory(layers, K, shape, 16, cpu, conv, 12, budget=int(budget))
-    assert [i for g in some.groups for i in g] == layers and some.windows == 16
-    assert len(some.groups) > 1 and some.needed <= some.budget
-
-    def plan(group):
-        return plan_memory(list(group), K, shape, 16, cpu, conv, 12, budget=int(budget))
-
-    for g, after in zip(some.groups, some.groups[1:]):  # each group fits, and is full
-        assert plan(g).groups == (g,) and len(plan(g + after[:1]).groups) == 2
-    fewer = plan_memory(layers, K, shape, 16, cpu, conv, 12, budget=alone - 4 * 2**20)
-    assert fewer.windows < 16 and fewer.groups[-1] == (12,)  # the classifier's state fills it
+    alone = plan([12], 16, 2**40).needed
+    for budget in (alone + 4.5 * 1.1 * layer_state_bytes(K, 768, conv), alone, alone - 2**27):
+        some, one = plan(layers, 16, budget), plan(layers, 1, budget)
+        assert [i for g in some.groups for i in g] == layers and some.needed <= budget
+        assert len(some.groups) == len(one.groups) > 1 and one.windows == 1
+        w = some.windows
+        for g, after in zip(some.groups, some.groups[1:]):  # each group fits, and is full
+            assert plan(g, w, budget).groups == (g,) and plan(g, w, budget).windows == w
+            more = plan(g + after[:1], w, budget)
+            assert len(more.groups) == 2 or more.windows < w
+    assert plan(layers, 16, alone - 2**27).windows < 16
     with pytest.raises(LMMemoryError, match="needs about .* but only 1.0 MiB is available"):
-        plan_memory(layers, K, shape, 16, cpu, conv, 12, budget=2**20)
+        plan(layers, 16, 2**20)
 
 
 @pytest.mark.parametrize("K,d,classifier", [(300, 32, True), (20, 64, True), (5000, 64, False)])

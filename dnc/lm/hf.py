@@ -31,6 +31,8 @@ RANDOM_INIT_KWARGS = ("dtype", "torch_dtype", "attn_implementation")
 # Multiples of the dtype's epsilon (relative to the largest logit) within which the output
 # embedding applied to the last hidden state counts as the model's own logits.
 HEAD_RTOL_EPS = 64
+# Positions of the window the head check runs on: its logits are positions x vocabulary floats.
+HEAD_CHECK_TOKENS = 16
 
 
 @dataclass
@@ -201,10 +203,12 @@ def backbone(lm: LanguageModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, 
 
 def head_matches(lm: LanguageModel, window: torch.Tensor) -> bool:
     """Whether the output embedding applied to the last hidden state gives the model's own logits
-    on one window (1, T) (within HEAD_RTOL_EPS epsilons of the dtype, relative to the largest
-    logit). False, with a warning, for a model whose head reads something else or rescales."""
+    on the first HEAD_CHECK_TOKENS positions of one window (1, T) (within HEAD_RTOL_EPS epsilons of
+    the dtype, relative to the largest logit). False, with a warning, for a model whose head reads
+    something else or rescales."""
     if lm.head is None:
         return False
+    window = window[:, :HEAD_CHECK_TOKENS]
     with torch.inference_mode():
         last = backbone(lm)(window)[-1]  # (1, T, d)
         ours = lm.head(last)  # (1, T, V)

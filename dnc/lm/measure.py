@@ -152,11 +152,12 @@ def plan_memory(layers: Sequence[int], K: int, shape: ModelShape, batch_size: in
                 what: str = "the model") -> LMMemoryPlan:
     """Groups of hidden states and windows per forward pass that fit the budget.
 
-    windows = min(batch_size, what fits beside the largest hidden state's state); then hidden
-    states join a group, in order, while the group's states, one compute() scratch, `windows`
-    windows and fixed_bytes (what the caller holds: token windows, classifier rows) fit. Each
-    estimate is multiplied by SLACK. budget: bytes (default: _budget(device, mem_mb), measured
-    now, after the model is loaded, so the model is not counted again).
+    Every group costs two forward passes over the split, whatever its windows per pass, so the
+    plan first takes the fewest groups (hidden states join a group, in order, while its states,
+    one compute() scratch, one window and fixed_bytes, what the caller holds, fit), then the most
+    windows, up to batch_size, that keep that many groups. Each estimate is multiplied by SLACK.
+    budget: bytes (default: _budget(device, mem_mb), measured now, after the model is loaded, so
+    the model is not counted again).
 
     Raises:
         LMMemoryError: one hidden state and one window do not fit (needed vs available, before any
@@ -182,14 +183,24 @@ def plan_memory(layers: Sequence[int], K: int, shape: ModelShape, batch_size: in
             f"{shape.context} tokens ({format_bytes(window_bytes(shape, 1, cuda))}), but only "
             f"{format_bytes(budget)} is available ({limit}); raise mem_mb (lm_resources), or measure on "
             f"a machine with more memory")
-    room = budget / SLACK - base - state[largest]
-    windows = max(1, min(batch_size, int(room // window_bytes(shape, 1, cuda))))
-    groups: list[list[int]] = []
-    for i in layers:
-        if groups and need(groups[-1] + [i], windows) <= budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+
+    def grouped(windows: int) -> list[list[int]]:
+        groups: list[list[int]] = []
+        for i in layers:
+            if groups and need(groups[-1] + [i], windows) <= budget:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    fewest = len(grouped(1))
+    lo, hi = 1, max(1, batch_size)  # the group count only grows with the windows: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        groups = grouped(mid)
+        fits = len(groups) == fewest and all(need(g, mid) <= budget for g in groups)
+        lo, hi = (mid, hi) if fits else (lo, mid - 1)
+    windows, groups = lo, grouped(lo)
     peak = max(groups, key=lambda g: need(g, windows))
     parts = {f"class statistics of {len(peak)} hidden state(s)": sum(state[i] for i in peak),
              "metric scratch of one hidden state": compute_scratch_bytes(K, shape.d),
