@@ -1,4 +1,4 @@
-"""dnc against rhubarbwu/neural-collapse on the same hidden states of the same causal language model
+r"""dnc against rhubarbwu/neural-collapse on the same hidden states of the same causal language model
 (issue 19, point 7): values and wall time.
 
 Hidden states: a GPT-2 (transformers GPT2LMHeadModel, random initialisation seeded by --seed, or a
@@ -33,7 +33,11 @@ peak (VmHWM) above that baseline.
 
     git clone https://github.com/rhubarbwu/neural-collapse /tmp/nc_peer
     python benchmarks/bench_lm_peer.py --peer /tmp/nc_peer --memory --ks 1024,2048,4096 \
-        --json benchmarks/results/lm_peer_cpu.json
+        --sweep-repeats 3 --json benchmarks/results/lm_peer_cpu.json
+    # the model config/lm.yaml trains, with its corpus and tokenizer: values, 1-thread timing
+    python benchmarks/bench_lm_peer.py --peer /tmp/nc_peer --model results/lm/tiny_gpt/checkpoint-160 \
+        --tokenizer results/lm/tiny_gpt/tokenizer.json --corpus results/lm/tiny_gpt/corpus.txt \
+        --threads 1 --label trained_tiny_gpt --json benchmarks/results/lm_peer_cpu.json
 """
 
 from __future__ import annotations
@@ -296,7 +300,7 @@ def build(args) -> dict:
     train = windows[: len(windows) - n_test]
     model = load_model(args, vocab)
     n_hidden = model.config.num_hidden_layers + 1
-    layers = args.layers or [n_hidden // 2, n_hidden - 1]
+    layers = args.layers or sorted({n_hidden // 2, n_hidden - 1})
     t0 = time.perf_counter()
     H = hidden_states(model, train, layers, args.batch)
     W = model.get_output_embeddings().weight.detach().float()  # (vocab, d)
@@ -336,7 +340,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", required=True, help="checkout of rhubarbwu/neural-collapse")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", help="store the results in this JSON file, under --label")
+    ap.add_argument("--label", default="random_gpt2", help="key of this run in the --json file")
     ap.add_argument("--model", help="a Hugging Face causal LM folder (default: random GPT-2)")
     ap.add_argument("--corpus", help="a text file or folder of .txt (default: pydoc_data)")
     ap.add_argument("--tokenizer", help="tokenizer.json (default: a BPE of --vocab trained here)")
@@ -389,6 +394,19 @@ def memory(args, H, y, W, K: int, rows: int) -> dict:
     return out
 
 
+def write_json(path: str, label: str, result: dict) -> None:
+    """Store result under label in the JSON object at path (other labels kept: one file for the
+    random and the trained model's runs)."""
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs[label] = result
+    with open(path + ".tmp", "w") as f:
+        json.dump(runs, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.peer))
@@ -417,8 +435,7 @@ def main(argv=None) -> None:
         result["k_sweep"].append({"K": Kk, "N": Hk.shape[0], **time_engines(
             chunks, Kk, Hk.shape[1], Wk, args.peer_tile, args.threads[:1], args.sweep_repeats, pairs[:1])})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=float)
+        write_json(args.json, args.label, result)
     print(json.dumps({v["hidden_state"]: v["rel_diff_peer32"] for v in result["values"]}, indent=1))
 
 
