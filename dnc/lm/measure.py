@@ -106,7 +106,7 @@ def layer_state_bytes(K: int, d: int, convention: Convention, classifier: bool =
         n += K * d
         if convention.ncc_enabled(K):
             n += K * d
-            if K * K <= MEANS_LOGITS_ELEMENTS:
+            if not identity and K * K <= MEANS_LOGITS_ELEMENTS:
                 n += K * K + (0 if identity else d * (q + K))
     return _F64 * n
 

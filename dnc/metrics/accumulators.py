@@ -108,7 +108,11 @@ class ResidualAccumulator:
         self.QW = None  # (d, q + num_labels): [Q, W^T], one product gives P and W r
         if self.weight is not None and self.ncc and is_classifier(self.weight, means, classifier):
             self.Wt = self.weight.T.contiguous()
-            if K * self.Wt.shape[1] <= MEANS_LOGITS_ELEMENTS:
+            # Only while the means do not span R^d (K < d): there the product [Q, W^T] gives P and
+            # the logits at once; with Q = I the logits are one product with h anyway, and a
+            # gather of K-wide rows from a K x K table costs more than it saves (measured 1.3-1.5x
+            # slower at K = 3,569, d = 128, benchmarks/README.md "Language models").
+            if not self.geo.identity and K * self.Wt.shape[1] <= MEANS_LOGITS_ELEMENTS:
                 # W h = W r + W mu_y: the logits come from the residual block already in cache,
                 # and with Q in the same product they cost no extra pass over it.
                 self.WM = self.Mt @ self.Wt

@@ -19,8 +19,9 @@ import torch
 __all__ = ["Moments", "LogMoments", "PAIR_TILE_ELEMENTS", "row_tiles", "gram_fro", "PairSweep"]
 
 ACC = torch.float64
-# Entries of one float64 tile (32 MiB); a sweep holds a handful of tiles at a time.
-PAIR_TILE_ELEMENTS = 1 << 22
+# Entries of one float64 tile (8 MiB; 32 MiB tiles held +700 MiB at K = 5,837, benchmarks/README.md
+# "Language models"); a sweep holds a handful of tiles at a time.
+PAIR_TILE_ELEMENTS = 1 << 20
 
 
 def row_tiles(rows: int, width: int, budget: int | None = None) -> Iterator[tuple[int, int]]:
