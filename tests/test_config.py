@@ -260,10 +260,11 @@ def test_schema_key_lists_match_the_dataclasses():
     from dataclasses import fields
 
     from dnc.config import MODEL_KEYS, NET_KEYS, RFM_KEYS, RUN_KEYS
-    from dnc.data import GAUSSIAN, DatasetSpec
+    from dnc.data import GAUSSIAN, DatasetSpec, TextSpec
     from dnc.dufm.compare import Tolerances
     from dnc.metrics import Convention
     from dnc.nets.compare import NETWORK_TOLERANCES
+    from dnc.settings import LMTrainConfig
 
     props = _schema()["properties"]
     dufm = props["dufm"]["properties"]
@@ -281,7 +282,10 @@ def test_schema_key_lists_match_the_dataclasses():
     assert set(models["defaults"]["properties"]) == set(MODEL_KEYS)
     assert set(models["experiments"]["additionalProperties"]["properties"]) == set(MODEL_KEYS)
     dataset = props["datasets"]["additionalProperties"]["properties"]
-    assert set(dataset) == {f.name for f in fields(DatasetSpec)}
+    # one schema for every kind: the image/array options and the text options (dnc.data.TextSpec)
+    assert set(dataset) == {f.name for f in fields(DatasetSpec)} | {f.name for f in fields(TextSpec)}
+    lm = props["lm_training"]["additionalProperties"]["properties"]
+    assert set(lm) == {f.name for f in fields(LMTrainConfig)} - {"device"}
     assert set(dataset["gaussian"]["properties"]) == set(GAUSSIAN)
     convention = props["metrics"]["properties"]["convention"]["properties"]
     assert set(convention) == {f.name for f in fields(Convention)}
