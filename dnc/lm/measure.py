@@ -93,13 +93,15 @@ class LMMemoryPlan:
 
 def layer_state_bytes(K: int, d: int, convention: Convention, classifier: bool = False) -> int:
     """Bytes a hidden state's pass-2 state holds (ResidualAccumulator; pass 1's K x d class sums are
-    less): M, the centred means and M^T (3 K x d), the basis Q of the means' span (d x q, q =
-    min(K, d); the identity when K >= d), Q^T M (q x K), C (q x q), the d x d scatter with spectra,
-    two CPU work blocks; with the classifier its K rows in float64 and, when the decisions run, W^T,
-    the means' logits (K x K up to MEANS_LOGITS_ELEMENTS) and [Q, W^T]."""
+    no more): the class means once (K x d row-major; M and M^T are views of it, and so is Q^T M
+    when Q = I), the basis Q of the means' span (d x q, q = min(K, d); the identity when K >= d),
+    Q^T M (q x K) when Q is not the identity, C (q x q), the d x d scatter with spectra, two CPU
+    work blocks; with the classifier its K rows in float64 and, when the decisions run, W^T, the
+    means' logits (K x K up to MEANS_LOGITS_ELEMENTS) and [Q, W^T]. The centred means are made
+    only by compute() (compute_scratch_bytes)."""
     q = min(K, d)
     identity = K >= d
-    n = 3 * K * d + d * q + q * K + q * q + 8 * K + 4 * d + 2 * BLOCK_ELEMENTS
+    n = K * d + d * q + (0 if identity else q * K) + q * q + 8 * K + 4 * d + 2 * BLOCK_ELEMENTS
     if convention.spectra and not identity:
         n += d * d
     if classifier:
@@ -107,16 +109,17 @@ def layer_state_bytes(K: int, d: int, convention: Convention, classifier: bool =
         if convention.ncc_enabled(K):
             n += K * d
             if not identity and K * K <= MEANS_LOGITS_ELEMENTS:
-                n += K * K + (0 if identity else d * (q + K))
+                n += K * K + d * (q + K)
     return _F64 * n
 
 
 def compute_scratch_bytes(K: int, d: int) -> int:
     """Transient bytes of one layer's compute() (and of pass 1's means, MeansGeometry's SVD, both
-    smaller): the class-pair tiles (at most K x K entries each) and three K x d float64
-    temporaries (measured 407 MiB at K = 4096 and 597 MiB at K = 20,000 with the classifier,
-    d = 768, with dnc.lm.stage.bound_heap)."""
-    return _F64 * (PAIR_TILES * min(PAIR_TILE_ELEMENTS, K * K) + 3 * K * d)
+    smaller): the class-pair tiles (at most K x K entries each) and four K x d float64
+    temporaries (the centred means, the squared means and the class-pair work; measured above the
+    pass-2 state, d = 768, dnc.lm.stage.bound_heap: 161 MiB at K = 4096, 410 MiB at K = 16,000,
+    518 MiB at K = 20,000 with the classifier, i.e. 12 tiles and 3.4 K x d)."""
+    return _F64 * (PAIR_TILES * min(PAIR_TILE_ELEMENTS, K * K) + 4 * K * d)
 
 
 def window_bytes(shape: ModelShape, group: int, cuda: bool) -> int:

@@ -86,12 +86,13 @@ class ResidualAccumulator:
         K, d, dev = means.K, means.M.shape[0], means.M.device
         self.geo = MeansGeometry.of(means, convention)
         self.Q = self.geo.Q  # (d, q)
-        self.QM = self.Q.T @ means.M  # (q, K) class means in the basis
+        # (q, K) class means in the basis: M itself when Q = I (no product, no copy).
+        self.QM = means.M if self.geo.identity else self.Q.T @ means.M
         self.QM2 = (self.QM**2).sum(0)  # (K,)
         # Label id -> column of M (-1 for classes without samples).
         self.col = torch.full((means.num_labels,), -1, dtype=torch.int64, device=dev)
         self.col[means.classes] = torch.arange(K, device=dev)
-        self.Mt = means.M.T.contiguous()  # (K, d)
+        self.Mt = means.M.T.contiguous()  # (K, d): no copy when M is a view of row-major means
         self.ss = torch.zeros(K, dtype=ACC, device=dev)
         self.inv_n = 1 / means.counts.to(ACC)  # (K,)
         self.sq = torch.zeros(d, dtype=ACC, device=dev)  # sum_i r_ij^2

@@ -113,10 +113,17 @@ class ClassMeanAccumulator:
         if int(present.sum()) < 2:
             raise ValueError(f"{self.name!r}: need samples of at least 2 classes, "
                              f"got counts {self.counts.tolist()}")
+        classes = present.nonzero().flatten()
+        counts = self.counts[classes]
+        # One new K x d tensor (no boolean-mask copy when every class is present), kept row-major:
+        # M is its (d, K) transpose, a view, so pass 2's per-row gathers read M^T without a second
+        # copy of the means (at vocabulary-sized K each copy is K x d float64).
+        rows = self.sums.clone() if classes.numel() == self.K else self.sums.index_select(0, classes)
+        rows.div_(counts[:, None].to(ACC))
         return ClassMeans(
-            classes=present.nonzero().flatten(),
-            counts=self.counts[present],
-            M=(self.sums[present] / self.counts[present, None].to(ACC)).T.contiguous(),  # (d, K)
+            classes=classes,
+            counts=counts,
+            M=rows.T,  # (d, K), a view of (K, d) row-major means
             num_labels=self.K,
             unit_roundoff=self.unit_roundoff,
         )

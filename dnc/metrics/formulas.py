@@ -8,6 +8,7 @@ Definitions, conventions and sources of every measure: docs/metrics.md. Notation
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -126,7 +127,8 @@ class MeansGeometry:
     """What every formula needs from the class means, computed once per layer.
 
     Attributes:
-        Mc: (d, K) centred means M - mu_G 1^T under the convention's global mean.
+        M: (d, K) the class means (ClassMeans.M, not a copy).
+        mu: (d,) the global mean under the convention.
         s: (min(d, K),) singular values of M, descending.
         Q: (d, q) orthonormal basis of the numerical span of M: left singular vectors with
             s_i > K eps s_1 (float64 eps). One basis for NC1's projection, which must keep every
@@ -135,22 +137,29 @@ class MeansGeometry:
             orthonormal basis of R^d gives the same values, and the identity saves pass 2 a
             (b, d) x (d, d) product per block.
         identity: whether Q is the identity (q = d).
+        Mc: (d, K) centred means M - mu 1^T, made on first use (the metrics at the end of pass 2),
+            so that pass 2 does not hold a second K x d copy of the means meanwhile.
     """
 
-    Mc: torch.Tensor
+    M: torch.Tensor
+    mu: torch.Tensor
     s: torch.Tensor
     Q: torch.Tensor
     identity: bool = False
+
+    @functools.cached_property
+    def Mc(self) -> torch.Tensor:
+        return self.M - self.mu[:, None]
 
     @classmethod
     def of(cls, m: ClassMeans, conv: Convention) -> MeansGeometry:
         d = m.M.shape[0]
         U, s, _ = torch.linalg.svd(m.M, full_matrices=False)  # U (d, min(d, K)), s (min(d, K),)
         keep = s > torch.finfo(ACC).eps * m.K * s[0] if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
-        Mc = m.M - m.global_mean(conv)[:, None]
+        mu = m.global_mean(conv)
         if int(keep.sum()) == d:
-            return cls(Mc=Mc, s=s, Q=torch.eye(d, dtype=ACC, device=m.M.device), identity=True)
-        return cls(Mc=Mc, s=s, Q=U[:, keep])
+            return cls(M=m.M, mu=mu, s=s, Q=torch.eye(d, dtype=ACC, device=m.M.device), identity=True)
+        return cls(M=m.M, mu=mu, s=s, Q=U[:, keep])
 
 
 def pinv_trace(C: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, rtol: float,
