@@ -197,6 +197,44 @@ def test_classifier_decisions_need_no_predictions_and_can_be_gated(rng):
     assert gated["nc1_pinv"] == m["nc1_pinv"]
 
 
+def test_certified_float32_argmin_equals_float64_on_near_ties(rng):
+    # Columns in pairs 1e-9 apart (relative): float32 cannot order a pair, float64 can.
+    n, K, s = 48, 40, 500
+    base = rng.standard_normal((n, K // 2))
+    B = np.repeat(base, 2, axis=1)
+    B[:, 1::2] += 1e-9 * rng.standard_normal((n, K // 2))
+    c = (B**2).sum(0)
+    X = rng.standard_normal((s, n)) * 3
+    X[: s // 2] = B[:, rng.integers(0, K, s // 2)].T  # rows at a column: the pair is a near-tie
+    X, B, c = (torch.from_numpy(a) for a in (X, B, c))
+    scale = c.max() + 2 * X.norm(dim=1) * c.max().sqrt()
+    got = accumulators._argbest(X, scale, B, B.float(), c, c.float())
+    want = torch.addmm(c, X, B, alpha=-2).argmin(1)
+    assert torch.equal(got, want)
+    plain = torch.addmm(c.float(), X.float(), B.float(), alpha=-2).argmin(1)
+    assert int((plain != want).sum()) > 0  # the float32 product alone gets near-ties wrong
+    wide = torch.from_numpy(rng.standard_normal((n, 7)))  # argmax path, well separated rows
+    got = accumulators._argbest(X, X.norm(dim=1) * wide.norm(dim=0).max(), wide, wide.float())
+    assert torch.equal(got, (X @ wide).argmax(1))
+
+
+@pytest.mark.parametrize("K", [5, 60])
+def test_fast_decisions_equal_float64_decisions(rng, monkeypatch, K):
+    H, y = blobs(rng, K=K, d=24, n=30)
+    # Class 1 a copy of class 0 moved by 1e-9: every row of both is a near-tie of the two means
+    # (and of their classifier rows), which float32 cannot order.
+    H[y == 1] = H[y == 0] + 1e-9 * rng.standard_normal(H[y == 0].shape)
+    W = rng.standard_normal((K, 24))
+    W[1] = W[0] + 1e-9 * rng.standard_normal(24)
+    fast = layer_metrics(H, y, weight=W, predictions=(H @ W.T).argmax(1))
+    monkeypatch.setattr(accumulators.ResidualAccumulator, "fast_decisions", False)
+    slow = layer_metrics(H, y, weight=W, predictions=(H @ W.T).argmax(1))
+    for key in ("ncc_error", "nc4", "nc4_classifier", "classifier_error"):
+        assert fast[key] == slow[key], key
+    assert fast.keys() == slow.keys()
+    assert all(fast[k] == slow[k] or (math.isnan(fast[k]) and math.isnan(slow[k])) for k in fast)
+
+
 def test_streaming_classifier_is_the_last_weight(tmp_path, rng):
     H, y = blobs(rng, K=5, d=6, n=20)
     W1, W2 = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))  # a hidden W of width K

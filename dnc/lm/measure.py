@@ -96,21 +96,27 @@ def layer_state_bytes(K: int, d: int, convention: Convention, classifier: bool =
     no more): the class means once (K x d row-major; M and M^T are views of it, and so is Q^T M
     when Q = I), the basis Q of the means' span (d x q, q = min(K, d); the identity when K >= d),
     Q^T M (q x K) when Q is not the identity, C (q x q), the d x d scatter with spectra, two CPU
-    work blocks; with the classifier its K rows in float64 and, when the decisions run, W^T, the
-    means' logits (K x K up to MEANS_LOGITS_ELEMENTS) and [Q, W^T]. The centred means are made
-    only by compute() (compute_scratch_bytes)."""
+    work blocks; when the decisions run (K <= ncc_max_classes), float32 copies of Q^T M and, for
+    the classifier, of W^T (the certified float32 decisions); with the classifier its K rows in
+    float64 and, when the decisions run, W^T, the means' logits (K x K up to MEANS_LOGITS_ELEMENTS)
+    and [Q, W^T]. The centred means are made only by compute() (compute_scratch_bytes)."""
     q = min(K, d)
     identity = K >= d
     n = K * d + d * q + (0 if identity else q * K) + q * q + 8 * K + 4 * d + 2 * BLOCK_ELEMENTS
     if convention.spectra and not identity:
         n += d * d
+    half = 0  # float32 elements
+    if convention.ncc_enabled(K):
+        half += q * K
     if classifier:
         n += K * d
         if convention.ncc_enabled(K):
             n += K * d
             if not identity and K * K <= MEANS_LOGITS_ELEMENTS:
                 n += K * K + d * (q + K)
-    return _F64 * n
+            else:
+                half += K * d
+    return _F64 * n + 4 * half
 
 
 def compute_scratch_bytes(K: int, d: int) -> int:

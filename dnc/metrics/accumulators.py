@@ -52,6 +52,39 @@ NCC_ELEMENTS = 1 << 21  # entries of one (rows x K) float64 distance or logit bl
 MEANS_LOGITS_ELEMENTS = 1 << 24  # largest K x num_labels table of the means' logits (128 MiB)
 
 
+def _argbest(X: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, B32: torch.Tensor,
+             c: torch.Tensor | None = None, c32: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise argmin of the scores c - 2 X B (with c) or -X B (without: the argmax of X B), the
+    float32 product certified against the float64 one.
+
+    X (s, n) float64 rows, B (n, K) and c (K,) float64, B32 and c32 their float32 copies, scale
+    (s,) a bound on max_k |c_k| + 2 |x . b_k| (without c: max_k |x . b_k|) for each row.
+    Rounding X, B and c to float32 and the float32 product and sum move each score by at most
+    (n + 4) u32 scale (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section
+    3.1, any summation order); taken twice as the error e,
+    a row whose two smallest float32 scores are more than 2 e apart has the same argmin in exact
+    arithmetic, hence in float64 too unless that one is itself inside float64 rounding. Other rows
+    (near-ties, non-finite scores) are recomputed in float64, whose argmin breaks ties to the
+    lower index as the float64 path does.
+
+    Returns:
+        (s,) int64 column indices.
+    """
+    X32 = X.to(torch.float32)
+    S = torch.addmm(c32, X32, B32, alpha=-2) if c32 is not None else (X32 @ B32).neg_()
+    if S.shape[1] < 2:
+        return torch.zeros(S.shape[0], dtype=torch.int64, device=S.device)
+    first, best = S.min(dim=1)
+    second = S.scatter_(1, best[:, None], math.inf).min(dim=1).values  # cheaper than topk(2)
+    err = 2 * (X.shape[1] + 4) * torch.finfo(torch.float32).eps / 2 * scale
+    # NaN margins (non-finite scores) fail the comparison and are recomputed.
+    unsure = (~(second - first > 2 * err)).nonzero().flatten()
+    if unsure.numel():
+        Xu = X[unsure]
+        best[unsure] = (torch.addmm(c, Xu, B, alpha=-2) if c is not None else (Xu @ B).neg_()).argmin(dim=1)
+    return best
+
+
 class ResidualAccumulator:
     """Pass 2: within-class sums given the pass-1 means.
 
@@ -77,6 +110,10 @@ class ResidualAccumulator:
             dtype of the chunks (float32 features handed over as float64); the coarsest of this,
             pass 1's and the chunks' dtype is used.
     """
+
+    # Decisions from float32 products certified by their rounding bound (_argbest); False: every
+    # product in float64 (the reference the tests compare with).
+    fast_decisions: bool = True
 
     def __init__(self, means: ClassMeans, convention: Convention = Convention(),
                  name: str = "layer", weight: torch.Tensor | np.ndarray | None = None,
@@ -121,6 +158,15 @@ class ResidualAccumulator:
                     self.QW = torch.cat([self.Q, self.Wt], dim=1)
         self.clf_diff = 0
         self.clf_wrong = 0
+        # Float32 copies for the certified decisions (_argbest): the (s, K) products in half the
+        # time of float64, float64 only for rows whose float32 margin is inside its error bound.
+        self.QM32 = self.QM2_32 = self.Wt32 = None
+        if self.ncc and self.fast_decisions:
+            self.QM32, self.QM2_32 = self.QM.to(torch.float32), self.QM2.to(torch.float32)
+            self._qm_max = float(self.QM2.max().sqrt())
+            if self.Wt is not None and self.WM is None:
+                self.Wt32 = self.Wt.to(torch.float32)
+                self._w_max = float(self.Wt.square().sum(0).max().sqrt())
         # With Q = I the scatter is C itself.
         self.scatter = (torch.zeros(d, d, dtype=ACC, device=dev)
                         if convention.spectra and not self.geo.identity else None)
@@ -187,13 +233,24 @@ class ResidualAccumulator:
             # ||h - mu_k||^2 = ||h||^2 - 2 h.mu_k + ||mu_k||^2: the first term is the same for every
             # class, so the argmin needs only the fused ||mu_k||^2 - 2 h.mu_k (one (s, K) pass, not
             # three: the decisions dominate pass 2 at vocabulary-sized K).
-            ncc = torch.addmm(self.QM2, Ph, self.QM, alpha=-2).argmin(dim=1)
+            if self.QM32 is None:
+                ncc = torch.addmm(self.QM2, Ph, self.QM, alpha=-2).argmin(dim=1)
+            else:
+                # |score| <= ||mu_k||^2 + 2 ||h|| ||mu_k||, both in Ph's basis.
+                scale = self._qm_max * (self._qm_max + 2 * Ph.norm(dim=1))
+                ncc = _argbest(Ph, scale, self.QM, self.QM32, self.QM2, self.QM2_32)
             self.ncc_wrong += int((ncc != cb[i:j]).sum())
             if pred is not None:
                 self.nc4_diff += int((classes[ncc] != pred[i:j]).sum())
             if self.Wt is not None:
-                z = logits[i:j] if logits is not None else H[i:j] @ self.Wt  # (s, num_labels)
-                clf = z.argmax(dim=1)  # label ids; ties go to the lower id
+                if logits is not None:
+                    clf = logits[i:j].argmax(dim=1)  # label ids; ties go to the lower id
+                elif self.Wt32 is None:
+                    clf = (H[i:j] @ self.Wt).argmax(dim=1)
+                else:
+                    Hs = H[i:j]
+                    # argmax W h = argmin of -W h; |w_k . h| <= ||w_k|| ||h||.
+                    clf = _argbest(Hs, self._w_max * Hs.norm(dim=1), self.Wt, self.Wt32)
                 self.clf_diff += int((classes[ncc] != clf).sum())
                 self.clf_wrong += int((clf != y[i:j]).sum())
 
