@@ -27,18 +27,6 @@ def _text(seed: int, sentences: int) -> str:
     return "\n".join(" ".join(rng.choice(WORDS, size=rng.integers(4, 12))) + "." for _ in range(sentences))
 
 
-def _tokenizer(text: str, path, vocab: int = 300) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([text], trainer)
-    tok.save(str(path))
-
-
 def _gpt2(vocab: int, positions: int = 32, seed: int = 0, base: bool = False):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=2, n_head=2)
@@ -83,7 +71,10 @@ def lm(tmp_path_factory):
     corpus.mkdir()
     (corpus / "b.txt").write_text(_text(2, 60), encoding="utf-8")  # read second: name order
     (corpus / "a.txt").write_text(_text(1, 60), encoding="utf-8")
-    _tokenizer(_text(1, 60) + "\n" + _text(2, 60), tmp / "tokenizer.json")
+    from dnc.lm.train import train_bpe_tokenizer
+
+    # GPT-2's kind of BPE, trained on the corpus as the DAG reads it (a.txt, then b.txt).
+    train_bpe_tokenizer([str(corpus / "a.txt"), str(corpus / "b.txt")], 300, tmp / "tokenizer.json")
     vocab = tokenizers.Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size()
     model = _gpt2(vocab)
     model.save_pretrained(tmp / "base")
