@@ -235,6 +235,20 @@ def test_fast_decisions_equal_float64_decisions(rng, monkeypatch, K):
     assert all(fast[k] == slow[k] or (math.isnan(fast[k]) and math.isnan(slow[k])) for k in fast)
 
 
+def test_fast_decisions_only_with_ieee_float32_products(rng):
+    H, y = blobs(rng, K=6, d=8, n=10)
+    acc = ClassMeanAccumulator(6, 8)
+    acc.accumulate(H, y)
+    means = acc.compute()
+    assert accumulators.ResidualAccumulator(means).QM32 is not None
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 / bfloat16 products: no rounding bound
+        assert accumulators.ResidualAccumulator(means).QM32 is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_streaming_classifier_is_the_last_weight(tmp_path, rng):
     H, y = blobs(rng, K=5, d=6, n=20)
     W1, W2 = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))  # a hidden W of width K

@@ -52,6 +52,18 @@ NCC_ELEMENTS = 1 << 21  # entries of one (rows x K) float64 distance or logit bl
 MEANS_LOGITS_ELEMENTS = 1 << 24  # largest K x num_labels table of the means' logits (128 MiB)
 
 
+def _ieee_float32_products(device: torch.device) -> bool:
+    """Whether float32 matrix products on device are IEEE float32 (the rounding bound of _argbest
+    holds): not with TF32 or bfloat16 products allowed (torch.set_float32_matmul_precision below
+    "highest", or torch.backends.cuda.matmul.allow_tf32 on CUDA; DNC_TF32, dnc.device)."""
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+        return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch's getters raise where the legacy and new precision APIs were mixed
+        return False
+
+
 def _argbest(X: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, B32: torch.Tensor,
              c: torch.Tensor | None = None, c32: torch.Tensor | None = None) -> torch.Tensor:
     """Row-wise argmin of the scores c - 2 X B (with c) or -X B (without: the argmax of X B), the
@@ -161,7 +173,7 @@ class ResidualAccumulator:
         # Float32 copies for the certified decisions (_argbest): the (s, K) products in half the
         # time of float64, float64 only for rows whose float32 margin is inside its error bound.
         self.QM32 = self.QM2_32 = self.Wt32 = None
-        if self.ncc and self.fast_decisions:
+        if self.ncc and self.fast_decisions and _ieee_float32_products(dev):
             self.QM32, self.QM2_32 = self.QM.to(torch.float32), self.QM2.to(torch.float32)
             self._qm_max = float(self.QM2.max().sqrt())
             if self.Wt is not None and self.WM is None:
