@@ -66,34 +66,40 @@ def _ieee_float32_products(device: torch.device) -> bool:
 
 def _argbest(X: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, B32: torch.Tensor,
              c: torch.Tensor | None = None, c32: torch.Tensor | None = None) -> torch.Tensor:
-    """Row-wise argmin of the scores c - 2 X B (with c) or -X B (without: the argmax of X B), the
-    float32 product certified against the float64 one.
+    """Row-wise argmin of the scores c - 2 X B (with c), or argmax of X B (without), the float32
+    product certified against the float64 one.
 
     X (s, n) float64 rows, B (n, K) and c (K,) float64, B32 and c32 their float32 copies, scale
     (s,) a bound on max_k |c_k| + 2 |x . b_k| (without c: max_k |x . b_k|) for each row.
     Rounding X, B and c to float32 and the float32 product and sum move each score by at most
     (n + 4) u32 scale (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section
     3.1, any summation order); taken twice as the error e,
-    a row whose two smallest float32 scores are more than 2 e apart has the same argmin in exact
+    a row whose two best float32 scores are more than 2 e apart has the same decision in exact
     arithmetic, hence in float64 too unless that one is itself inside float64 rounding. Other rows
-    (near-ties, non-finite scores) are recomputed in float64, whose argmin breaks ties to the
-    lower index as the float64 path does.
+    (near-ties, non-finite scores) are recomputed in float64, whose argmin / argmax breaks ties to
+    the lower index as the float64 path does.
 
     Returns:
         (s,) int64 column indices.
     """
     X32 = X.to(torch.float32)
-    S = torch.addmm(c32, X32, B32, alpha=-2) if c32 is not None else (X32 @ B32).neg_()
-    if S.shape[1] < 2:
-        return torch.zeros(S.shape[0], dtype=torch.int64, device=S.device)
-    first, best = S.min(dim=1)
-    second = S.scatter_(1, best[:, None], math.inf).min(dim=1).values  # cheaper than topk(2)
+    if c32 is not None:
+        S = torch.addmm(c32, X32, B32, alpha=-2)
+        first, best = S.min(dim=1)
+        # The runner-up without indices (amin is several times cheaper than min with them).
+        margin = S.scatter_(1, best[:, None], math.inf).amin(dim=1) - first
+    else:  # the argmax of X B, without negating the (s, K) block
+        S = X32 @ B32
+        first, best = S.max(dim=1)
+        margin = first - S.scatter_(1, best[:, None], -math.inf).amax(dim=1)
     err = 2 * (X.shape[1] + 4) * torch.finfo(torch.float32).eps / 2 * scale
-    # NaN margins (non-finite scores) fail the comparison and are recomputed.
-    unsure = (~(second - first > 2 * err)).nonzero().flatten()
+    # NaN margins (non-finite scores) fail the comparison and are recomputed; with one column the
+    # margin is inf and every row is certain.
+    unsure = (~(margin > 2 * err)).nonzero().flatten()
     if unsure.numel():
         Xu = X[unsure]
-        best[unsure] = (torch.addmm(c, Xu, B, alpha=-2) if c is not None else (Xu @ B).neg_()).argmin(dim=1)
+        best[unsure] = (torch.addmm(c, Xu, B, alpha=-2).argmin(dim=1) if c is not None
+                        else (Xu @ B).argmax(dim=1))
     return best
 
 
