@@ -73,11 +73,11 @@ def _argbest(X: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, B32: torch.T
     (s,) a bound on max_k |c_k| + 2 |x . b_k| (without c: max_k |x . b_k|) for each row.
     Rounding X, B and c to float32 and the float32 product and sum move each score by at most
     (n + 4) u32 scale (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section
-    3.1, any summation order); taken twice as the error e,
-    a row whose two best float32 scores are more than 2 e apart has the same decision in exact
-    arithmetic, hence in float64 too unless that one is itself inside float64 rounding. Other rows
-    (near-ties, non-finite scores) are recomputed in float64, whose argmin / argmax breaks ties to
-    the lower index as the float64 path does.
+    3.1, any summation order); with twice that as the error e, a row whose two best float32 scores
+    are more than 2 e apart has the same decision in exact arithmetic, hence in float64 too unless
+    that one is itself inside float64 rounding. Other rows (near-ties, non-finite scores) are
+    recomputed in float64, whose argmin / argmax breaks ties to the lower index as the float64
+    path does.
 
     Returns:
         (s,) int64 column indices.
@@ -176,8 +176,8 @@ class ResidualAccumulator:
                     self.QW = torch.cat([self.Q, self.Wt], dim=1)
         self.clf_diff = 0
         self.clf_wrong = 0
-        # Float32 copies for the certified decisions (_argbest): the (s, K) products in half the
-        # time of float64, float64 only for rows whose float32 margin is inside its error bound.
+        # Float32 copies for the certified decisions (_argbest): the (s, K) products in about a
+        # third of float64's time, float64 only for rows whose float32 margin is inside its error bound.
         self.QM32 = self.QM2_32 = self.Wt32 = None
         if self.ncc and self.fast_decisions and _ieee_float32_products(dev):
             self.QM32, self.QM2_32 = self.QM.to(torch.float32), self.QM2.to(torch.float32)
@@ -267,7 +267,7 @@ class ResidualAccumulator:
                     clf = (H[i:j] @ self.Wt).argmax(dim=1)
                 else:
                     Hs = H[i:j]
-                    # argmax W h = argmin of -W h; |w_k . h| <= ||w_k|| ||h||.
+                    # |w_k . h| <= ||w_k|| ||h||.
                     clf = _argbest(Hs, self._w_max * Hs.norm(dim=1), self.Wt, self.Wt32)
                 self.clf_diff += int((classes[ncc] != clf).sum())
                 self.clf_wrong += int((clf != y[i:j]).sum())
