@@ -105,12 +105,11 @@ def layer_state_bytes(K: int, d: int, convention: Convention, classifier: bool =
     n = K * d + d * q + (0 if identity else q * K) + q * q + 8 * K + 4 * d + 2 * BLOCK_ELEMENTS
     if convention.spectra and not identity:
         n += d * d
-    half = 0  # float32 elements
-    if convention.ncc_enabled(K):
-        half += q * K
+    decisions = convention.ncc_enabled(K)
+    half = q * K if decisions else 0  # float32 elements
     if classifier:
         n += K * d
-        if convention.ncc_enabled(K):
+        if decisions:
             n += K * d
             if not identity and K * K <= MEANS_LOGITS_ELEMENTS:
                 n += K * K + d * (q + K)
